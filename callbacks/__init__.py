@@ -1,0 +1,1 @@
+"""Keras callbacks that drive quantization-aware training."""

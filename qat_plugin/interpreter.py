@@ -1,0 +1,166 @@
+"""Runs .tflite models in the LiteRT interpreter, int8 I/O handled."""
+
+import os
+
+import numpy as np
+
+
+def _interpreter_module():
+    from ai_edge_litert import interpreter
+
+    return interpreter
+
+
+def load_model_bytes(model):
+    """Returns .tflite bytes from bytes or a path."""
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model)
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"No .tflite file at {path}.")
+        with open(path, "rb") as f:
+            return f.read()
+    raise TypeError(
+        f"Expected .tflite bytes or a path to a .tflite file, got {type(model).__name__}."
+    )
+
+
+def make_interpreter(model, num_threads=None, use_xnnpack=True):
+    """Returns a LiteRT `Interpreter` for `model` (bytes or path).
+
+    With `use_xnnpack=False` the default XNNPACK delegate is left out, so
+    that the op list shows the model's own ops instead of one DELEGATE node.
+    """
+    interpreter = _interpreter_module()
+    resolver = (
+        interpreter.OpResolverType.AUTO
+        if use_xnnpack
+        else interpreter.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
+    return interpreter.Interpreter(
+        model_content=load_model_bytes(model),
+        num_threads=num_threads,
+        experimental_op_resolver_type=resolver,
+    )
+
+
+def quantize_array(x, detail):
+    """Quantizes float `x` to the input tensor's integer type."""
+    dtype = detail["dtype"]
+    if not np.issubdtype(dtype, np.integer) or np.issubdtype(
+        np.asarray(x).dtype, np.integer
+    ):
+        return np.asarray(x, dtype=dtype)
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(dtype)
+    q = np.round(np.asarray(x, np.float32) / scale) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize_array(q, detail):
+    """Dequantizes an integer output tensor to float32."""
+    scale, zero_point = detail["quantization"]
+    if not np.issubdtype(detail["dtype"], np.integer) or scale == 0:
+        return np.asarray(q)
+    return (q.astype(np.float32) - zero_point) * scale
+
+
+class TFLiteModel:
+    """A .tflite model in the LiteRT interpreter, called like `model.predict`.
+
+    Float inputs are quantized with the input tensor's scale and zero point
+    and integer outputs dequantized, so the results compare directly with
+    the Keras model's. Batches run in one invoke when the model's batch
+    dimension is dynamic, one sample at a time otherwise.
+
+    Args:
+        model: .tflite bytes or a path.
+        num_threads: interpreter threads (None: the runtime's default).
+        use_xnnpack: use the default XNNPACK delegate.
+
+    Example:
+
+    >>> import keras, numpy as np, qat_plugin
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> runner = TFLiteModel(qat_plugin.export_tflite(model, mode="float"))
+    >>> runner.predict(np.ones((3, 4), "float32")).shape
+    (3, 2)
+    """
+
+    def __init__(self, model, num_threads=None, use_xnnpack=True):
+        self.interpreter = make_interpreter(model, num_threads, use_xnnpack)
+        self.interpreter.allocate_tensors()
+        self.input_details = self.interpreter.get_input_details()
+        self.output_details = self.interpreter.get_output_details()
+        self._batch = None
+
+    @property
+    def dynamic_batch(self):
+        return all(
+            len(d["shape_signature"]) > 0 and d["shape_signature"][0] == -1
+            for d in self.input_details
+        )
+
+    def _as_list(self, x):
+        """Orders inputs as the interpreter's input details.
+
+        A dict is matched by input name; a list is in the exported model's
+        input order (the Keras model's, as `export_tflite` writes it).
+        """
+        if isinstance(x, dict):
+            ordered = []
+            for detail in self.input_details:
+                name = detail["name"]
+                match = [k for k in x if name == k or name.endswith(f"_{k}:0") or name.startswith(f"{k}:")]
+                if len(match) != 1:
+                    raise KeyError(
+                        f"Cannot match interpreter input '{name}' to one of "
+                        f"the given inputs {sorted(x)}."
+                    )
+                ordered.append(x[match[0]])
+            return ordered
+        if isinstance(x, (list, tuple)):
+            if len(x) != len(self.input_details):
+                raise ValueError(
+                    f"The model has {len(self.input_details)} inputs, got {len(x)}."
+                )
+            return list(x)
+        return [x]
+
+    def _resize(self, batch):
+        if self._batch == batch:
+            return
+        for detail in self.input_details:
+            shape = list(detail["shape"])
+            shape[0] = batch
+            self.interpreter.resize_tensor_input(detail["index"], shape)
+        self.interpreter.allocate_tensors()
+        self._batch = batch
+
+    def invoke(self, inputs):
+        """Runs one batch; `inputs` is a list in input-detail order."""
+        for detail, x in zip(self.input_details, inputs):
+            self.interpreter.set_tensor(detail["index"], quantize_array(x, detail))
+        self.interpreter.invoke()
+        return [
+            dequantize_array(self.interpreter.get_tensor(d["index"]), d)
+            for d in self.output_details
+        ]
+
+    def predict(self, x, batch_size=256):
+        """Returns the dequantized outputs for all samples of `x`."""
+        inputs = [np.asarray(v) for v in self._as_list(x)]
+        n = len(inputs[0])
+        step = batch_size if self.dynamic_batch else int(self.input_details[0]["shape"][0])
+        results = []
+        for start in range(0, n, step):
+            chunk = [v[start : start + step] for v in inputs]
+            self._resize(len(chunk[0]))
+            results.append(self.invoke(chunk))
+        outputs = [np.concatenate([r[i] for r in results]) for i in range(len(self.output_details))]
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def output_steps(self):
+        """The quantization step (scale) of each output, 0 for float outputs."""
+        return [d["quantization"][0] for d in self.output_details]

@@ -1,0 +1,292 @@
+"""Conv/Dense with folded BatchNormalization and fused activation, quantized."""
+
+import keras
+from keras import ops
+
+from qat_plugin.layers.base import QuantizedLayer, is_exporting
+from qat_plugin.layers.linear_ops import linear_op_for
+from qat_plugin.quantizers import fake_quant_weight
+
+# Activations that TFLite fuses into CONV_2D, DEPTHWISE_CONV_2D,
+# FULLY_CONNECTED, ADD and MUL: no fake-quant between op and activation.
+FUSED_ACTIVATIONS = {"linear": None, "relu": ops.relu, "relu6": ops.relu6}
+
+
+def check_fused_activation(layer_name, activation):
+    """Raises unless `activation` is one TFLite fuses into the op."""
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(
+            f"Layer '{layer_name}': activation {activation!r} cannot be "
+            f"fused; expected one of {sorted(FUSED_ACTIVATIONS)}."
+        )
+
+
+def _safe_divisor(x, epsilon=1e-12):
+    return ops.where(ops.abs(x) < epsilon, epsilon, x)
+
+
+@keras.saving.register_keras_serializable(package="qat_plugin")
+class QuantizedLinear(QuantizedLayer):
+    """A Conv/Dense layer, its BatchNormalization and activation as one int8 op.
+
+    The kernel is folded with the BatchNormalization that follows it and
+    fake-quantized symmetrically per output channel; the output is
+    fake-quantized once, after the fused ReLU/ReLU6, exactly where the int8
+    TFLite kernel quantizes.
+
+    BatchNorm folding follows Krishnamoorthi (2018, section 3.2): the kernel
+    is scaled with the *moving* standard deviation, so the weights that are
+    fake-quantized in training are the ones exported; while BatchNorm is not
+    frozen, the output is corrected to batch statistics
+    (`y = (z / c + b - mean_B) * gamma / sigma_B + beta` with `z` the
+    quantized-kernel output and `c = gamma / sigma_moving`) and the moving
+    statistics update as in BatchNormalization. Once BatchNorm is frozen the
+    layer computes `z + beta + (b - mean) * c`, the exported graph. The
+    convolution runs once per step.
+
+    Args:
+        layer: the Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D or
+            Dense layer (a fresh copy; the layer's own activation is ignored).
+        batch_norm: the BatchNormalization layer folded in, or None.
+        activation: `"linear"`, `"relu"` or `"relu6"`, fused into the op.
+        quantize_output: False where the output's scale is set downstream
+            (a Concatenate input).
+        per_channel: one weight scale per output channel (True) or per
+            tensor.
+        weight_bits: weight bit width.
+        num_bits: activation bit width.
+        ema_decay: decay of the activation range observers.
+
+    Example:
+
+    >>> import numpy as np
+    >>> conv = keras.layers.Conv2D(4, 3)
+    >>> layer = QuantizedLinear(conv, keras.layers.BatchNormalization(),
+    ...                         activation="relu")
+    >>> y = layer(np.random.rand(2, 8, 8, 3).astype("float32"), training=True)
+    >>> tuple(y.shape)
+    (2, 6, 6, 4)
+    """
+
+    _sublayer_keys = ("layer", "batch_norm")
+
+    def __init__(
+        self,
+        layer,
+        batch_norm=None,
+        activation="linear",
+        quantize_output=True,
+        per_channel=True,
+        weight_bits=8,
+        num_bits=8,
+        ema_decay=0.99,
+        **kwargs,
+    ):
+        kwargs.setdefault("name", layer.name)
+        super().__init__(num_bits=num_bits, ema_decay=ema_decay, **kwargs)
+        self.linear_op = linear_op_for(layer)
+        if self.linear_op is None:
+            raise ValueError(
+                f"QuantizedLinear cannot wrap layer '{layer.name}' of class "
+                f"{type(layer).__name__}: supported classes are Dense, "
+                "Conv1D/2D/3D, DepthwiseConv1D/2D and SeparableConv1D/2D."
+            )
+        check_fused_activation(layer.name, activation)
+        self.layer = layer
+        self.batch_norm = batch_norm
+        self.activation = activation
+        self.quantize_output = quantize_output
+        self.per_channel = per_channel
+        self.weight_bits = weight_bits
+        self.output_quantizer = self._activation_quantizer("output")
+        self.intermediate_quantizer = (
+            self._activation_quantizer("intermediate")
+            if len(self.linear_op.kernel_names) > 1
+            else None
+        )
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        if self.batch_norm is not None and not self.batch_norm.built:
+            self.batch_norm.build(self.layer.compute_output_shape(input_shape))
+        self._build_schedule()
+        for quantizer in self.activation_quantizers():
+            quantizer.build(self)
+
+    def activation_quantizers(self):
+        quantizers = []
+        if self.intermediate_quantizer is not None:
+            quantizers.append(self.intermediate_quantizer)
+        if self.quantize_output:
+            quantizers.append(self.output_quantizer)
+        return quantizers
+
+    # -- weights ---------------------------------------------------------
+
+    def _bn_channel_scale(self):
+        """`gamma / sqrt(moving_variance + epsilon)`, the fold factor."""
+        bn = self.batch_norm
+        scale = ops.rsqrt(bn.moving_variance + bn.epsilon)
+        if bn.scale:
+            scale = scale * bn.gamma
+        return scale
+
+    def _float_kernels(self):
+        """The kernels before quantization, folded with the moving BN stats."""
+        kernels = [getattr(self.layer, name) for name in self.linear_op.kernel_names]
+        if self.batch_norm is not None:
+            index = self.linear_op.fold_index
+            kernels[index] = self.linear_op.fold(
+                self.layer, kernels[index], self._bn_channel_scale()
+            )
+        return kernels
+
+    def _quantized_kernels(self, kernels):
+        return [
+            fake_quant_weight(
+                kernel,
+                self.linear_op.reduce_axes(index, len(kernel.shape), self.per_channel),
+                self.weight_bits,
+            )
+            for index, kernel in enumerate(kernels)
+        ]
+
+    def _layer_bias(self):
+        if self.layer.use_bias:
+            return self.layer.bias
+        return None
+
+    def _folded_bias(self):
+        """The bias after folding with the moving BN statistics (or None)."""
+        bias = self._layer_bias()
+        bn = self.batch_norm
+        if bn is None:
+            return bias
+        shift = -bn.moving_mean if bias is None else bias - bn.moving_mean
+        folded = shift * self._bn_channel_scale()
+        if bn.center:
+            folded = folded + bn.beta
+        return folded
+
+    def quantization_reduce_axes(self):
+        """Per kernel, the axes that share one weight scale."""
+        return [
+            self.linear_op.reduce_axes(
+                index, len(getattr(self.layer, name).shape), self.per_channel
+            )
+            for index, name in enumerate(self.linear_op.kernel_names)
+        ]
+
+    def export_constants(self):
+        kernels = self._quantized_kernels(self._float_kernels())
+        bias = self._folded_bias()
+        return {
+            "kernels": [ops.convert_to_numpy(k) for k in kernels],
+            "bias": None if bias is None else ops.convert_to_numpy(bias),
+        }
+
+    # -- forward ---------------------------------------------------------
+
+    def _add_channel_vector(self, x, vector):
+        axis = self.linear_op.channel_axis(self.layer)
+        if axis == -1 or axis == len(x.shape) - 1:
+            return x + vector
+        shape = [1] * len(x.shape)
+        shape[axis] = -1
+        return x + ops.reshape(vector, shape)
+
+    def _scale_channels(self, x, vector):
+        axis = self.linear_op.channel_axis(self.layer)
+        if axis == -1 or axis == len(x.shape) - 1:
+            return x * vector
+        shape = [1] * len(x.shape)
+        shape[axis] = -1
+        return x * ops.reshape(vector, shape)
+
+    def call(self, inputs, training=False):
+        quantize, bn_frozen, ranges_frozen = self._phase(training)
+
+        def quantize_intermediate(x):
+            return self._quantize_activation(
+                self.intermediate_quantizer, x, quantize, ranges_frozen, training
+            )
+
+        if is_exporting():
+            constants = self._export_constants
+            kernels = [ops.convert_to_tensor(k) for k in constants["kernels"]]
+            bias = constants["bias"]
+            outputs = self.linear_op.apply(
+                self.layer, inputs, kernels, quantize_intermediate
+            )
+            if bias is not None:
+                outputs = self._add_channel_vector(outputs, ops.convert_to_tensor(bias))
+        else:
+            float_kernels = self._float_kernels()
+            kernels = [
+                ops.where(quantize, q, k)
+                for q, k in zip(self._quantized_kernels(float_kernels), float_kernels)
+            ]
+            outputs = self.linear_op.apply(
+                self.layer, inputs, kernels, quantize_intermediate
+            )
+            bias = self._folded_bias()
+            folded = outputs if bias is None else self._add_channel_vector(outputs, bias)
+            if self.batch_norm is not None and training:
+                outputs = ops.where(
+                    bn_frozen, folded, self._batch_norm_train(outputs, bn_frozen)
+                )
+            else:
+                outputs = folded
+
+        activation = FUSED_ACTIVATIONS[self.activation]
+        if activation is not None:
+            outputs = activation(outputs)
+        if self.quantize_output:
+            outputs = self._quantize_activation(
+                self.output_quantizer, outputs, quantize, ranges_frozen, training
+            )
+        self._advance(training)
+        return outputs
+
+    def _batch_norm_train(self, outputs, bn_frozen):
+        """Corrects the folded output to batch statistics; updates the BN."""
+        bn = self.batch_norm
+        unfolded = self._scale_channels(
+            outputs, 1.0 / _safe_divisor(self._bn_channel_scale())
+        )
+        bias = self._layer_bias()
+        if bias is not None:
+            unfolded = self._add_channel_vector(unfolded, bias)
+        axis = self.linear_op.channel_axis(self.layer) % len(outputs.shape)
+        reduce_axes = [i for i in range(len(outputs.shape)) if i != axis]
+        mean, variance = ops.moments(unfolded, axes=reduce_axes)
+        momentum = bn.momentum
+        for variable, value in (
+            (bn.moving_mean, mean),
+            (bn.moving_variance, variance),
+        ):
+            updated = variable * momentum + ops.stop_gradient(value) * (1 - momentum)
+            variable.assign(ops.where(bn_frozen, variable, updated))
+        scale = ops.rsqrt(variance + bn.epsilon)
+        if bn.scale:
+            scale = scale * bn.gamma
+        shift = -mean * scale
+        if bn.center:
+            shift = shift + bn.beta
+        return self._add_channel_vector(self._scale_channels(unfolded, scale), shift)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "activation": self.activation,
+                "quantize_output": self.quantize_output,
+                "per_channel": self.per_channel,
+                "weight_bits": self.weight_bits,
+            }
+        )
+        return config

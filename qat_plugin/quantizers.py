@@ -1,0 +1,226 @@
+"""Fake-quantization math and the activation range observer.
+
+Everything here is written in `keras.ops` so that a quantized model trains
+on any Keras backend. The numerics follow the TFLite 8-bit specification:
+weights are symmetric (zero point 0, range `[-(2^(b-1) - 1), 2^(b-1) - 1]`),
+per output channel or per tensor; activations are asymmetric per tensor with
+a range that always contains zero.
+"""
+
+import keras
+from keras import ops
+
+# A range narrower than this would give a zero scale.
+_MIN_RANGE = 1e-6
+
+
+def weight_scale(weight, reduce_axes, num_bits=8):
+    """Returns the symmetric per-channel scale of `weight`, `max|w| / qmax`.
+
+    Args:
+        weight: the (possibly BN-folded) kernel.
+        reduce_axes: the axes reduced to one scale; the remaining axes are
+            the quantized (output-channel) axes. All axes gives per-tensor.
+        num_bits: weight bit width.
+
+    Returns:
+        A tensor broadcastable against `weight`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w = np.array([[1.0, -0.5], [0.25, 2.0]], "float32")
+    >>> ops.convert_to_numpy(weight_scale(w, (0,))) * 127
+    array([[1., 2.]], dtype=float32)
+    """
+    qmax = 2 ** (num_bits - 1) - 1
+    max_abs = ops.max(ops.abs(weight), axis=reduce_axes, keepdims=True)
+    max_abs = ops.maximum(ops.stop_gradient(max_abs), 1e-12)
+    return max_abs / qmax
+
+
+def fake_quant_weight(weight, reduce_axes, num_bits=8):
+    """Snaps `weight` to its symmetric int grid with a straight-through gradient.
+
+    The scale is `max|w| / (2^(b-1) - 1)` over `reduce_axes`, so the largest
+    weight of each channel maps to +-127 (8 bits) and nothing is clipped: the
+    gradient of the rounding is the identity.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w = np.array([[0.3, -1.0], [1.27, 0.5]], "float32")
+    >>> q = ops.convert_to_numpy(fake_quant_weight(w, (0,)))
+    >>> bool(np.all(np.abs(q - w) <= np.abs(w).max(0) / 254 + 1e-7))
+    True
+    """
+    scale = weight_scale(weight, reduce_axes, num_bits)
+    snapped = ops.round(weight / scale) * scale
+    return weight + ops.stop_gradient(snapped - weight)
+
+
+def integer_weight(weight, reduce_axes, num_bits=8):
+    """Returns the int values and scale a weight exports to, as NumPy arrays."""
+    scale = weight_scale(weight, reduce_axes, num_bits)
+    values = ops.round(ops.convert_to_tensor(weight) / scale)
+    return (
+        ops.convert_to_numpy(values).astype("int32"),
+        ops.convert_to_numpy(scale),
+    )
+
+
+def fake_quant_activation(x, range_min, range_max, num_bits=8):
+    """Fake-quantizes an activation to `num_bits` over `[range_min, range_max]`.
+
+    8-bit activations are asymmetric (`narrow_range=False`); 16-bit ones are
+    symmetric with zero point 0, as the TFLite 16x8 scheme requires. On the
+    TensorFlow backend this lowers to `FakeQuantWithMinMaxVars`, which the
+    TFLite converter reads as the tensor's quantization parameters.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = np.array([-1.0, 0.0, 0.4, 3.0], "float32")
+    >>> ops.convert_to_numpy(fake_quant_activation(x, 0.0, 2.55))
+    array([0.  , 0.  , 0.4 , 2.55], dtype=float32)
+    """
+    return keras.quantizers.fake_quant_with_min_max_vars(
+        x, range_min, range_max, num_bits=num_bits, narrow_range=num_bits == 16
+    )
+
+
+def clamp_range(range_min, range_max, num_bits=8):
+    """Makes a range legal for TFLite: it contains zero and is not empty.
+
+    16-bit activations are symmetric, so their range is `[-m, m]`.
+    """
+    range_min = ops.minimum(range_min, 0.0)
+    range_max = ops.maximum(range_max, 0.0)
+    if num_bits == 16:
+        bound = ops.maximum(-range_min, range_max)
+        range_min, range_max = -bound, bound
+    range_max = ops.maximum(range_max, range_min + _MIN_RANGE)
+    return range_min, range_max
+
+
+# Fixed output ranges the TFLite int8 kernels require (scale, zero point):
+# LOGISTIC and SOFTMAX 1/256, -128; TANH 1/128, 0.
+FIXED_RANGES = {
+    "sigmoid": (0.0, 255.0 / 256.0),
+    "softmax": (0.0, 255.0 / 256.0),
+    "tanh": (-1.0, 127.0 / 128.0),
+}
+
+
+class ActivationQuantizer:
+    """Observes an activation's range and fake-quantizes it.
+
+    The range is an exponential moving average of the batch minimum and
+    maximum, seeded with the first batch; it is held in non-trainable
+    variables of the owning layer, so it is saved, restored and replicated
+    like any weight. A quantizer with `fixed_range` (sigmoid, softmax, tanh)
+    observes nothing.
+
+    Args:
+        name: prefix of the variables on the owning layer.
+        num_bits: 8 (asymmetric int8) or 16 (symmetric int16).
+        ema_decay: weight of the running range against the batch range.
+        fixed_range: `(min, max)` to use instead of observing.
+
+    Example:
+
+    >>> layer = keras.layers.Layer()
+    >>> q = ActivationQuantizer("output")
+    >>> q.build(layer)
+    >>> x = ops.convert_to_tensor([[-1.0, 0.5, 2.0]])
+    >>> _ = q.observe(x, frozen=False)
+    >>> [float(v) for v in (q.range_min, q.range_max)]
+    [-1.0, 2.0]
+    """
+
+    def __init__(self, name, num_bits=8, ema_decay=0.99, fixed_range=None):
+        if num_bits not in (8, 16):
+            raise ValueError(
+                f"Activation quantizer '{name}': num_bits must be 8 or 16, "
+                f"got {num_bits!r}."
+            )
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(
+                f"Activation quantizer '{name}': ema_decay must be in "
+                f"[0, 1), got {ema_decay!r}."
+            )
+        self.name = name
+        self.num_bits = num_bits
+        self.ema_decay = float(ema_decay)
+        self.fixed_range = None if fixed_range is None else tuple(fixed_range)
+
+    def build(self, layer):
+        """Creates the range variables on `layer`."""
+        if self.fixed_range is not None:
+            return
+        self.range_min = layer.add_weight(
+            name=f"{self.name}_min",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            aggregation="mean",
+        )
+        self.range_max = layer.add_weight(
+            name=f"{self.name}_max",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            aggregation="mean",
+        )
+
+    @property
+    def observed(self):
+        """A boolean tensor: has this quantizer seen any data yet."""
+        if self.fixed_range is not None:
+            return ops.convert_to_tensor(True)
+        return ops.greater(self.range_max - self.range_min, 0.0)
+
+    def current_range(self):
+        """Returns the (min, max) the next fake-quant uses."""
+        if self.fixed_range is not None:
+            return self.fixed_range
+        return clamp_range(self.range_min, self.range_max, self.num_bits)
+
+    def observe(self, x, frozen):
+        """Updates the running range from batch `x` unless `frozen`.
+
+        Returns the updated `(min, max)` so that the caller quantizes with the
+        range that includes this batch, as the exported model will.
+        """
+        if self.fixed_range is not None:
+            return self.fixed_range
+        x = ops.stop_gradient(x)
+        batch_min = ops.cast(ops.min(x), "float32")
+        batch_max = ops.cast(ops.max(x), "float32")
+        seeded = self.observed
+        decay = self.ema_decay
+        new_min = ops.where(
+            seeded, decay * self.range_min + (1 - decay) * batch_min, batch_min
+        )
+        new_max = ops.where(
+            seeded, decay * self.range_max + (1 - decay) * batch_max, batch_max
+        )
+        new_min = ops.where(frozen, self.range_min, new_min)
+        new_max = ops.where(frozen, self.range_max, new_max)
+        self.range_min.assign(new_min)
+        self.range_max.assign(new_max)
+        return clamp_range(new_min, new_max, self.num_bits)
+
+    def quantize(self, x, range_min, range_max):
+        """Fake-quantizes `x` to the given range."""
+        return fake_quant_activation(x, range_min, range_max, self.num_bits)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "num_bits": self.num_bits,
+            "ema_decay": self.ema_decay,
+            "fixed_range": None
+            if self.fixed_range is None
+            else list(self.fixed_range),
+        }
