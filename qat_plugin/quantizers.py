@@ -103,6 +103,15 @@ def clamp_range(range_min, range_max, num_bits=8):
     return range_min, range_max
 
 
+def select(condition, if_true, if_false):
+    """`ops.where` that skips the blend when `condition` is a Python bool."""
+    if condition is True:
+        return if_true
+    if condition is False:
+        return if_false
+    return ops.where(condition, if_true, if_false)
+
+
 # Fixed output ranges the TFLite int8 kernels require (scale, zero point):
 # LOGISTIC and SOFTMAX 1/256, -128; TANH 1/128, 0.
 FIXED_RANGES = {
@@ -189,11 +198,15 @@ class ActivationQuantizer:
     def observe(self, x, frozen):
         """Updates the running range from batch `x` unless `frozen`.
 
+        `frozen` is a boolean tensor, or a Python bool known at trace time.
+
         Returns the updated `(min, max)` so that the caller quantizes with the
         range that includes this batch, as the exported model will.
         """
         if self.fixed_range is not None:
             return self.fixed_range
+        if frozen is True:
+            return self.current_range()
         x = ops.stop_gradient(x)
         batch_min = ops.cast(ops.min(x), "float32")
         batch_max = ops.cast(ops.max(x), "float32")
@@ -205,8 +218,9 @@ class ActivationQuantizer:
         new_max = ops.where(
             seeded, decay * self.range_max + (1 - decay) * batch_max, batch_max
         )
-        new_min = ops.where(frozen, self.range_min, new_min)
-        new_max = ops.where(frozen, self.range_max, new_max)
+        # jnp.where does not read Keras variables: pass their values.
+        new_min = select(frozen, ops.convert_to_tensor(self.range_min), new_min)
+        new_max = select(frozen, ops.convert_to_tensor(self.range_max), new_max)
         self.range_min.assign(new_min)
         self.range_max.assign(new_max)
         return clamp_range(new_min, new_max, self.num_bits)

@@ -6,10 +6,41 @@ import threading
 import keras
 from keras import ops
 
-from qat_plugin.quantizers import ActivationQuantizer
+from qat_plugin.quantizers import ActivationQuantizer, select
 
 # The step at which a switch never happens (int32 max).
 NEVER = 2**31 - 1
+# [quantize_start, bn_freeze, range_freeze]: quantize from the first step,
+# never freeze.
+DEFAULT_SCHEDULE = (0, NEVER, NEVER)
+
+
+def static_phase(schedule, step, steps_ahead=None):
+    """Which switches are settled for the next `steps_ahead` training steps.
+
+    Returns a tuple of three: True where the switch has fired (steps only
+    grow), False where it cannot fire within `steps_ahead` steps (or never
+    fires), None where it may fire and must be decided in-graph.
+
+    Example:
+
+    >>> static_phase([0, 100, NEVER], step=10, steps_ahead=50)
+    (True, False, False)
+    >>> static_phase([0, 100, NEVER], step=10)
+    (True, None, False)
+    """
+    settled = []
+    for threshold in schedule:
+        if threshold <= step:
+            settled.append(True)
+        elif threshold == NEVER or (
+            steps_ahead is not None and threshold >= step + steps_ahead
+        ):
+            settled.append(False)
+        else:
+            settled.append(None)
+    return tuple(settled)
+
 
 _mode = threading.local()
 
@@ -46,6 +77,71 @@ def calibration_mode():
         yield
     finally:
         _mode.calibrating = previous
+
+
+@contextlib.contextmanager
+def activation_probe():
+    """Records what each activation fake-quant sees while the context is open.
+
+    Yields a list that receives, for every fake-quant run eagerly inside the
+    context, a tuple `(layer, quantizer, inputs, range_min, range_max)`: the
+    tensor before fake-quant and the range it is quantized to. Used by
+    `QuantizationMonitor` to measure how much of each activation is clipped.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from qat_plugin.layers import FakeQuant
+    >>> layer = FakeQuant()
+    >>> _ = layer(np.array([[0.0, 1.0]], "float32"), training=True)
+    >>> with activation_probe() as records:
+    ...     _ = layer(np.array([[2.0]], "float32"))
+    >>> [float(records[0][2][0, 0]), float(records[0][4])]
+    [2.0, 1.0]
+    """
+    previous = getattr(_mode, "probe", None)
+    records = []
+    _mode.probe = records
+    try:
+        yield records
+    finally:
+        _mode.probe = previous
+
+
+def build_replica_synced(layer, input_shape):
+    """Builds `layer` with its non-trainable weights averaged over replicas.
+
+    Keras creates BatchNormalization's moving statistics with aggregation
+    "none": under `tf.distribute.MirroredStrategy` each replica then keeps
+    its own copy and the copies drift apart, and a quantized layer folds
+    them into its kernels, so once BatchNorm freezes the replicas would
+    train different int8 weights. Built here, those weights get aggregation
+    "mean", as the range observers have: every update is the mean of the
+    replicas' updates and all replicas hold the same value.
+
+    Example:
+
+    >>> import keras
+    >>> bn = keras.layers.BatchNormalization()
+    >>> build_replica_synced(bn, (None, 3))
+    >>> bn.moving_mean.aggregation, bn.gamma.aggregation
+    ('mean', 'none')
+    """
+    add_weight = layer.add_weight
+
+    def add_synced_weight(*args, **kwargs):
+        if not kwargs.get("trainable", True) and kwargs.get("aggregation") in (
+            None,
+            "none",
+        ):
+            kwargs["aggregation"] = "mean"
+        return add_weight(*args, **kwargs)
+
+    layer.add_weight = add_synced_weight
+    try:
+        layer.build(input_shape)
+    finally:
+        del layer.add_weight
 
 
 def is_exporting():
@@ -103,8 +199,31 @@ class QuantizedLayer(keras.layers.Layer):
             name="qat_schedule",
             shape=(3,),
             dtype="int32",
-            initializer=keras.initializers.Constant([0, NEVER, NEVER]),
+            initializer=keras.initializers.Constant(DEFAULT_SCHEDULE),
             trainable=False,
+        )
+        self.static_phase = static_phase(DEFAULT_SCHEDULE, step=0)
+
+    def set_qat_schedule(self, schedule, steps_ahead=None):
+        """Sets the switch steps and what the next training steps can skip.
+
+        `schedule` is `[quantize_start, bn_freeze, range_freeze]` in this
+        layer's steps. Switches that cannot fire within the next
+        `steps_ahead` training steps are traced as constants, so the train
+        function computes only the branch in force; the others are decided
+        in-graph at every step. A switch baked in this way only changes when
+        the train function is traced again (`QuantizationScheduler` does
+        that); assign `qat_schedule` directly only between fits.
+        """
+        self.qat_schedule.assign(schedule)
+        step = int(ops.convert_to_numpy(self.qat_step))
+        self.static_phase = static_phase(schedule, step, steps_ahead)
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        self.static_phase = static_phase(
+            ops.convert_to_numpy(self.qat_schedule).tolist(),
+            int(ops.convert_to_numpy(self.qat_step)),
         )
 
     def activation_quantizers(self):
@@ -112,19 +231,22 @@ class QuantizedLayer(keras.layers.Layer):
         return []
 
     def _phase(self, training):
-        """Returns (quantize, bn_frozen, ranges_frozen) as boolean tensors."""
+        """Returns (quantize, bn_frozen, ranges_frozen).
+
+        Each is a Python bool where `static_phase` says the switch cannot
+        change during training, else a boolean tensor decided in-graph.
+        """
         step = self.qat_step
-        quantize = ops.greater_equal(step, self.qat_schedule[0])
         if training and not is_calibrating():
-            return (
-                quantize,
-                ops.greater_equal(step, self.qat_schedule[1]),
-                ops.greater_equal(step, self.qat_schedule[2]),
+            return tuple(
+                known if known is not None
+                else ops.greater_equal(step, self.qat_schedule[index])
+                for index, known in enumerate(self.static_phase)
             )
-        frozen = ops.convert_to_tensor(True)
+        quantize = ops.greater_equal(step, self.qat_schedule[0])
         if is_calibrating():
-            return quantize, frozen, ops.convert_to_tensor(False)
-        return quantize, frozen, frozen
+            return quantize, True, False
+        return quantize, True, True
 
     def _advance(self, training):
         if training and not is_calibrating():
@@ -135,13 +257,19 @@ class QuantizedLayer(keras.layers.Layer):
         """Observes (when training) and fake-quantizes `x` with `quantizer`."""
         if is_exporting():
             return quantizer.quantize(x, *quantizer.current_range())
-        if (training or is_calibrating()) and quantizer.fixed_range is None:
+        observing = (training or is_calibrating()) and quantizer.fixed_range is None
+        if observing:
             range_min, range_max = quantizer.observe(x, ranges_frozen)
         else:
             range_min, range_max = quantizer.current_range()
-        enabled = ops.logical_and(quantize, quantizer.observed)
-        quantized = quantizer.quantize(x, range_min, range_max)
-        return ops.where(enabled, quantized, x)
+        probe = getattr(_mode, "probe", None)
+        if probe is not None:
+            probe.append((self, quantizer, x, range_min, range_max))
+        if quantize is False:
+            return x
+        # An observer that has just seen this batch always has a range.
+        enabled = quantize if observing else ops.logical_and(quantize, quantizer.observed)
+        return select(enabled, quantizer.quantize(x, range_min, range_max), x)
 
     def export_constants(self):
         """Returns the NumPy constants this layer exports with (or None)."""

@@ -3,8 +3,13 @@
 import keras
 from keras import ops
 
-from qat_plugin.layers.base import QuantizedLayer, is_exporting
+from qat_plugin.layers.base import (
+    QuantizedLayer,
+    build_replica_synced,
+    is_exporting,
+)
 from qat_plugin.layers.linear import FUSED_ACTIVATIONS, check_fused_activation
+from qat_plugin.quantizers import select
 
 
 @keras.saving.register_keras_serializable(package="qat_plugin")
@@ -47,7 +52,7 @@ class QuantizedBatchNormalization(QuantizedLayer):
 
     def build(self, input_shape):
         if not self.layer.built:
-            self.layer.build(input_shape)
+            build_replica_synced(self.layer, input_shape)
         self._build_schedule()
         for quantizer in self.activation_quantizers():
             quantizer.build(self)
@@ -91,13 +96,13 @@ class QuantizedBatchNormalization(QuantizedLayer):
             shift = ops.convert_to_tensor(self._export_constants["shift"])
         else:
             scale, shift = self._affine(bn.moving_mean, bn.moving_variance)
-            if training:
+            if training and bn_frozen is not True:
                 axis = bn.axis % rank
                 reduce_axes = [i for i in range(rank) if i != axis]
                 mean, variance = ops.moments(inputs, axes=reduce_axes)
                 batch_scale, batch_shift = self._affine(mean, variance)
-                scale = ops.where(bn_frozen, scale, batch_scale)
-                shift = ops.where(bn_frozen, shift, batch_shift)
+                scale = select(bn_frozen, scale, batch_scale)
+                shift = select(bn_frozen, shift, batch_shift)
                 for variable, value in (
                     (bn.moving_mean, mean),
                     (bn.moving_variance, variance),
@@ -105,7 +110,9 @@ class QuantizedBatchNormalization(QuantizedLayer):
                     updated = variable * bn.momentum + ops.stop_gradient(
                         value
                     ) * (1 - bn.momentum)
-                    variable.assign(ops.where(bn_frozen, variable, updated))
+                    variable.assign(
+                        select(bn_frozen, ops.convert_to_tensor(variable), updated)
+                    )
         outputs = inputs * self._broadcast(scale, rank)
         outputs = self._quantize_activation(
             self.scale_quantizer, outputs, quantize, ranges_frozen, training

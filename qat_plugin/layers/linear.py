@@ -3,9 +3,15 @@
 import keras
 from keras import ops
 
-from qat_plugin.layers.base import QuantizedLayer, is_exporting
+from qat_plugin.layers.base import (
+    QuantizedLayer,
+    build_replica_synced,
+    is_calibrating,
+    is_exporting,
+)
 from qat_plugin.layers.linear_ops import linear_op_for
-from qat_plugin.quantizers import fake_quant_weight
+from qat_plugin.layers.pruned import PrunedLayer
+from qat_plugin.quantizers import fake_quant_weight, select
 
 # Activations that TFLite fuses into CONV_2D, DEPTHWISE_CONV_2D,
 # FULLY_CONNECTED, ADD and MUL: no fake-quant between op and activation.
@@ -44,9 +50,15 @@ class QuantizedLinear(QuantizedLayer):
     layer computes `z + beta + (b - mean) * c`, the exported graph. The
     convolution runs once per step.
 
+    A `PrunedLayer` in place of the layer keeps pruning (pruning-preserving
+    QAT): its masks multiply the raw kernels before BatchNorm folding and
+    fake-quant, so a pruned weight is a zero int8 weight, and its schedule
+    goes on updating the masks while the QAT model trains.
+
     Args:
         layer: the Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D or
-            Dense layer (a fresh copy; the layer's own activation is ignored).
+            Dense layer (a fresh copy; the layer's own activation is
+            ignored), or a `PrunedLayer` wrapping one.
         batch_norm: the BatchNormalization layer folded in, or None.
         activation: `"linear"`, `"relu"` or `"relu6"`, fused into the op.
         quantize_output: False where the output's scale is set downstream
@@ -84,6 +96,9 @@ class QuantizedLinear(QuantizedLayer):
     ):
         kwargs.setdefault("name", layer.name)
         super().__init__(num_bits=num_bits, ema_decay=ema_decay, **kwargs)
+        self.pruning = layer if isinstance(layer, PrunedLayer) else None
+        if self.pruning is not None:
+            layer = self.pruning.layer
         self.linear_op = linear_op_for(layer)
         if self.linear_op is None:
             raise ValueError(
@@ -106,10 +121,13 @@ class QuantizedLinear(QuantizedLayer):
         )
 
     def build(self, input_shape):
-        if not self.layer.built:
-            self.layer.build(input_shape)
+        outer = self.pruning or self.layer
+        if not outer.built:
+            outer.build(input_shape)
         if self.batch_norm is not None and not self.batch_norm.built:
-            self.batch_norm.build(self.layer.compute_output_shape(input_shape))
+            build_replica_synced(
+                self.batch_norm, self.layer.compute_output_shape(input_shape)
+            )
         self._build_schedule()
         for quantizer in self.activation_quantizers():
             quantizer.build(self)
@@ -134,7 +152,15 @@ class QuantizedLinear(QuantizedLayer):
 
     def _float_kernels(self):
         """The kernels before quantization, folded with the moving BN stats."""
-        kernels = [getattr(self.layer, name) for name in self.linear_op.kernel_names]
+        # Values, not variables: jnp.where (in `call`) does not read variables.
+        if self.pruning is not None:
+            # Masked before folding: a pruned weight stays an int8 zero.
+            kernels = self.pruning.masked_kernels()
+        else:
+            kernels = [
+                ops.convert_to_tensor(getattr(self.layer, name))
+                for name in self.linear_op.kernel_names
+            ]
         if self.batch_norm is not None:
             index = self.linear_op.fold_index
             kernels[index] = self.linear_op.fold(
@@ -150,6 +176,19 @@ class QuantizedLinear(QuantizedLayer):
                 self.weight_bits,
             )
             for index, kernel in enumerate(kernels)
+        ]
+
+    def folded_kernel_pairs(self):
+        """Returns `(float, fake_quantized)` NumPy pairs, one per kernel.
+
+        The float kernels are folded with the moving BatchNorm statistics,
+        as they export; the difference within each pair is the weight
+        quantization error (see `QuantizationMonitor`).
+        """
+        float_kernels = self._float_kernels()
+        return [
+            (ops.convert_to_numpy(k), ops.convert_to_numpy(q))
+            for k, q in zip(float_kernels, self._quantized_kernels(float_kernels))
         ]
 
     def _layer_bias(self):
@@ -189,12 +228,7 @@ class QuantizedLinear(QuantizedLayer):
     # -- forward ---------------------------------------------------------
 
     def _add_channel_vector(self, x, vector):
-        axis = self.linear_op.channel_axis(self.layer)
-        if axis == -1 or axis == len(x.shape) - 1:
-            return x + vector
-        shape = [1] * len(x.shape)
-        shape[axis] = -1
-        return x + ops.reshape(vector, shape)
+        return self.linear_op.add_channel_vector(self.layer, x, vector)
 
     def _scale_channels(self, x, vector):
         axis = self.linear_op.channel_axis(self.layer)
@@ -205,6 +239,8 @@ class QuantizedLinear(QuantizedLayer):
         return x * ops.reshape(vector, shape)
 
     def call(self, inputs, training=False):
+        if self.pruning is not None and training and not is_calibrating():
+            self.pruning.update_masks()
         quantize, bn_frozen, ranges_frozen = self._phase(training)
 
         def quantize_intermediate(x):
@@ -224,20 +260,17 @@ class QuantizedLinear(QuantizedLayer):
         else:
             float_kernels = self._float_kernels()
             kernels = [
-                ops.where(quantize, q, k)
+                select(quantize, q, k)
                 for q, k in zip(self._quantized_kernels(float_kernels), float_kernels)
             ]
             outputs = self.linear_op.apply(
                 self.layer, inputs, kernels, quantize_intermediate
             )
             bias = self._folded_bias()
-            folded = outputs if bias is None else self._add_channel_vector(outputs, bias)
-            if self.batch_norm is not None and training:
-                outputs = ops.where(
-                    bn_frozen, folded, self._batch_norm_train(outputs, bn_frozen)
-                )
-            else:
-                outputs = folded
+            if self.batch_norm is not None and training and bn_frozen is not True:
+                outputs = self._batch_norm_train(outputs, bias, bn_frozen)
+            elif bias is not None:
+                outputs = self._add_channel_vector(outputs, bias)
 
         activation = FUSED_ACTIVATIONS[self.activation]
         if activation is not None:
@@ -249,32 +282,44 @@ class QuantizedLinear(QuantizedLayer):
         self._advance(training)
         return outputs
 
-    def _batch_norm_train(self, outputs, bn_frozen):
-        """Corrects the folded output to batch statistics; updates the BN."""
+    def _batch_norm_train(self, outputs, folded_bias, bn_frozen):
+        """Corrects the folded output to batch statistics; updates the BN.
+
+        With `z` the quantized-kernel output and `c = gamma / sigma_moving`,
+        the unfolded output is `z / c + b`: its batch moments are
+        `mean(z) / c + b` and `var(z) / c^2`, and the corrected output
+        `(z / c + b - mean_B) * gamma / sigma_B + beta` is one per-channel
+        multiply-add on `z` (the conv bias cancels). Frozen, the
+        multiply-add is `z * 1 + folded_bias`: the phase selects between
+        per-channel vectors, never between whole tensors.
+        """
         bn = self.batch_norm
-        unfolded = self._scale_channels(
-            outputs, 1.0 / _safe_divisor(self._bn_channel_scale())
-        )
-        bias = self._layer_bias()
-        if bias is not None:
-            unfolded = self._add_channel_vector(unfolded, bias)
         axis = self.linear_op.channel_axis(self.layer) % len(outputs.shape)
         reduce_axes = [i for i in range(len(outputs.shape)) if i != axis]
-        mean, variance = ops.moments(unfolded, axes=reduce_axes)
+        fold_scale = _safe_divisor(self._bn_channel_scale())
+        z_mean, z_variance = ops.moments(outputs, axes=reduce_axes)
+        mean = z_mean / fold_scale
+        variance = z_variance / ops.square(fold_scale)
+        bias = self._layer_bias()
         momentum = bn.momentum
         for variable, value in (
-            (bn.moving_mean, mean),
+            (bn.moving_mean, mean if bias is None else mean + bias),
             (bn.moving_variance, variance),
         ):
             updated = variable * momentum + ops.stop_gradient(value) * (1 - momentum)
-            variable.assign(ops.where(bn_frozen, variable, updated))
-        scale = ops.rsqrt(variance + bn.epsilon)
+            variable.assign(
+                select(bn_frozen, ops.convert_to_tensor(variable), updated)
+            )
+        batch_scale = ops.rsqrt(variance + bn.epsilon)
         if bn.scale:
-            scale = scale * bn.gamma
-        shift = -mean * scale
+            batch_scale = batch_scale * bn.gamma
+        shift = -mean * batch_scale
         if bn.center:
             shift = shift + bn.beta
-        return self._add_channel_vector(self._scale_channels(unfolded, scale), shift)
+        frozen_shift = ops.zeros_like(shift) if folded_bias is None else folded_bias
+        multiplier = select(bn_frozen, 1.0, batch_scale / fold_scale)
+        shift = select(bn_frozen, frozen_shift, shift)
+        return self._add_channel_vector(self._scale_channels(outputs, multiplier), shift)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
@@ -289,4 +334,6 @@ class QuantizedLinear(QuantizedLayer):
                 "weight_bits": self.weight_bits,
             }
         )
+        if self.pruning is not None:
+            config["layer"] = keras.saving.serialize_keras_object(self.pruning)
         return config

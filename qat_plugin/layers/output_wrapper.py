@@ -40,6 +40,7 @@ class QuantizeOutputWrapper(QuantizedLayer):
         layer,
         activation="linear",
         fixed_range=None,
+        quantize_output=True,
         num_bits=8,
         ema_decay=0.99,
         **kwargs,
@@ -47,8 +48,14 @@ class QuantizeOutputWrapper(QuantizedLayer):
         kwargs.setdefault("name", layer.name)
         super().__init__(num_bits=num_bits, ema_decay=ema_decay, **kwargs)
         check_fused_activation(layer.name, activation)
+        if fixed_range is not None and not quantize_output:
+            raise ValueError(
+                f"Layer '{layer.name}': a fixed output range is the int8 "
+                "kernel's own output scale; it cannot be left unquantized."
+            )
         self.layer = layer
         self.activation = activation
+        self.quantize_output = quantize_output
         self.fixed_range = None if fixed_range is None else tuple(fixed_range)
         self.output_quantizer = self._activation_quantizer(
             "output", self.fixed_range
@@ -58,10 +65,11 @@ class QuantizeOutputWrapper(QuantizedLayer):
         if not self.layer.built:
             self.layer.build(input_shape)
         self._build_schedule()
-        self.output_quantizer.build(self)
+        if self.quantize_output:
+            self.output_quantizer.build(self)
 
     def activation_quantizers(self):
-        return [self.output_quantizer]
+        return [self.output_quantizer] if self.quantize_output else []
 
     def call(self, inputs, training=False):
         quantize, _, ranges_frozen = self._phase(training)
@@ -69,9 +77,10 @@ class QuantizeOutputWrapper(QuantizedLayer):
         activation = FUSED_ACTIVATIONS[self.activation]
         if activation is not None:
             outputs = activation(outputs)
-        outputs = self._quantize_activation(
-            self.output_quantizer, outputs, quantize, ranges_frozen, training
-        )
+        if self.quantize_output:
+            outputs = self._quantize_activation(
+                self.output_quantizer, outputs, quantize, ranges_frozen, training
+            )
         self._advance(training)
         return outputs
 
@@ -83,6 +92,7 @@ class QuantizeOutputWrapper(QuantizedLayer):
         config.update(
             {
                 "activation": self.activation,
+                "quantize_output": self.quantize_output,
                 "fixed_range": None
                 if self.fixed_range is None
                 else list(self.fixed_range),

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny data, a QAT fine-tune and the parity check."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+import pytest
+
+import qat_plugin
+
+
+def images(n=128, shape=(12, 12, 1), seed=0):
+    """Random images with labels that depend on them (learnable)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n,) + tuple(shape), dtype=np.float32)
+    y = (x.reshape(n, -1).mean(axis=1) * 40).astype("int64") % 4
+    return x, y
+
+
+def qat_fit(model, x, y, epochs=1, batch_size=32, recipe="int8", **kwargs):
+    """quantize_model + a short fit: returns the trained QAT model."""
+    qat = qat_plugin.quantize_model(model, recipe=recipe, **kwargs)
+    qat.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    qat.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=False)
+    return qat
+
+
+def assert_parity(qat_model, tflite_bytes, x, max_steps=2.0, min_agreement=0.99):
+    """The core issue's parity bounds: interpreter vs Keras QAT model."""
+    keras_out = qat_model.predict(x, verbose=0)
+    runner = qat_plugin.TFLiteModel(tflite_bytes)
+    tflite_out = runner.predict(x)
+    keras_list = keras_out if isinstance(keras_out, list) else [keras_out]
+    tflite_list = tflite_out if isinstance(tflite_out, list) else [tflite_out]
+    for k, t, step in zip(keras_list, tflite_list, runner.output_steps()):
+        assert k.shape == t.shape
+        # Dequantized values carry float rounding: 2 steps may read 2.000003.
+        error_steps = np.abs(k - t).max() / step
+        assert error_steps <= max_steps + 1e-4, f"max error {error_steps:.4f} steps"
+        if k.ndim == 2 and k.shape[1] > 1:
+            agreement = np.mean(k.argmax(1) == t.argmax(1))
+            assert agreement >= min_agreement, f"top-1 agreement {agreement:.3f}"
+    return keras_list, tflite_list
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_session():
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    yield

@@ -1,0 +1,195 @@
+"""export_tflite and inspect_tflite: real converter, real interpreter."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import qat_plugin
+from qat_plugin.quantizers import integer_weight
+from tests.conftest import assert_parity, images, qat_fit
+
+L = keras.layers
+
+
+def sequential_cnn():
+    return keras.Sequential(
+        [
+            keras.Input((12, 12, 1)),
+            L.Conv2D(8, 3, use_bias=False),
+            L.BatchNormalization(),
+            L.ReLU(),
+            L.MaxPooling2D(),
+            L.Conv2D(8, 3, activation="relu"),
+            L.Flatten(),
+            L.Dropout(0.2),
+            L.Dense(4),
+        ]
+    )
+
+
+def residual_block():
+    inputs = keras.Input((12, 12, 1))
+    x = L.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    y = L.Conv2D(8, 3, padding="same", use_bias=False)(x)
+    y = L.BatchNormalization()(y)
+    x = L.ReLU()(L.Add()([x, y]))
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(4)(x))
+
+
+def concatenate_branch():
+    inputs = keras.Input((12, 12, 1))
+    x = L.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    a = L.Conv2D(4, 1, activation="relu")(x)
+    b = L.Conv2D(4, 3, padding="same")(x)
+    x = L.Concatenate()([a, b])
+    x = L.AveragePooling2D(2)(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(4)(x))
+
+
+def depthwise_separable():
+    inputs = keras.Input((12, 12, 1))
+    x = L.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inputs)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU(6.0)(x)
+    x = L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU(6.0)(x)
+    x = L.SeparableConv2D(8, 3, padding="same", activation="relu")(x)
+    x = L.ZeroPadding2D(1)(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(4)(x))
+
+
+def standalone_batch_norm():
+    inputs = keras.Input((12, 12, 1))
+    x = L.Conv2D(8, 3, activation="relu")(inputs)
+    y = L.Conv2D(8, 3, padding="same")(x)
+    x = L.Add()([x, y])
+    x = L.BatchNormalization()(x)  # pre-activation style: nothing to fold into
+    x = L.ReLU()(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(4)(x))
+
+
+def nested_model():
+    block = keras.Sequential(
+        [keras.Input((12, 12, 8)), L.Conv2D(8, 3, padding="same"), L.BatchNormalization(), L.ReLU()],
+        name="block",
+    )
+    inputs = keras.Input((12, 12, 1))
+    x = L.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = block(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(4)(x))
+
+
+def multi_input():
+    image = keras.Input((12, 12, 1), name="image")
+    features = keras.Input((5,), name="features")
+    x = L.GlobalAveragePooling2D()(L.Conv2D(6, 3, activation="relu")(image))
+    y = L.Dense(6, activation="relu")(features)
+    return keras.Model([image, features], L.Dense(4)(L.Concatenate()([x, y])))
+
+
+ARCHITECTURES = {
+    "sequential_cnn": sequential_cnn,
+    "residual_block": residual_block,
+    "concatenate_branch": concatenate_branch,
+    "depthwise_separable": depthwise_separable,
+    "standalone_batch_norm": standalone_batch_norm,
+    "nested_model": nested_model,
+    "multi_input": multi_input,
+}
+
+
+def data_for(model, n=128):
+    x, y = images(n)
+    if len(model.inputs) == 1:
+        return x, y
+    return [x, np.random.default_rng(1).random((n, 5), dtype=np.float32)], y
+
+
+def trained_float(build):
+    model = build()
+    x, y = data_for(model)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    return model, x, y
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_qat_export_is_fully_int8_matches_ptq_ops_and_keras(name):
+    model, x, y = trained_float(ARCHITECTURES[name])
+    qat = qat_fit(model, x, y)
+    data = qat_plugin.export_tflite(qat)
+    report = qat_plugin.inspect_tflite(data)
+    assert report.is_fully_int8, report.summary()
+    assert not report.float_ops and not report.conversion_ops
+    ptq = qat_plugin.inspect_tflite(qat_plugin.export_tflite(model, representative_data=x))
+    assert report.op_counts == ptq.op_counts, (report.op_counts, ptq.op_counts)
+    assert_parity(qat, data, x)
+
+
+def test_exported_int8_weights_are_the_trained_ones():
+    model, x, y = trained_float(sequential_cnn)
+    qat = qat_fit(model, x, y)
+    report = qat_plugin.inspect_tflite(qat_plugin.export_tflite(qat))
+    conv = qat.layers[2]  # FakeQuant(input) comes first
+    assert isinstance(conv, qat_plugin.QuantizedLinear) and conv.batch_norm is not None
+    folded = conv._float_kernels()[0]
+    values, scales = integer_weight(folded, (0, 1, 2))
+    first_conv = report.ops[0]
+    assert first_conv.name == "CONV_2D"
+    weight = first_conv.inputs[1]
+    assert weight.dtype == "int8" and weight.per_channel and weight.quantized_dimension == 0
+    np.testing.assert_allclose(weight.scales, scales.reshape(-1), rtol=1e-5)
+    runner = qat_plugin.TFLiteModel(qat_plugin.export_tflite(qat), use_xnnpack=False)
+    exported = runner.interpreter.get_tensor(weight.index)  # [out, h, w, in]
+    np.testing.assert_array_equal(exported, np.transpose(values, (3, 0, 1, 2)))
+
+
+def test_export_writes_path_atomically_and_returns_bytes(tmp_path):
+    model, x, y = trained_float(sequential_cnn)
+    qat = qat_fit(model, x, y)
+    path = tmp_path / "model.tflite"
+    data = qat_plugin.export_tflite(qat, path)
+    assert path.read_bytes() == data
+    assert sorted(os.listdir(tmp_path)) == ["model.tflite"]
+    report = qat_plugin.inspect_tflite(path)
+    assert report.size_bytes == len(data)
+
+
+def test_export_into_missing_folder_fails_before_writing(tmp_path):
+    model, x, y = trained_float(sequential_cnn)
+    qat = qat_fit(model, x, y)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        qat_plugin.export_tflite(qat, tmp_path / "missing" / "m.tflite")
+
+
+def test_export_before_any_data_names_the_unobserved_layers():
+    qat = qat_plugin.quantize_model(sequential_cnn())
+    with pytest.raises(qat_plugin.ExportError, match="never observed.*fit\\(\\)"):
+        qat_plugin.export_tflite(qat)
+
+
+def test_float_export_of_a_float_model_lists_float_ops():
+    model, x, _ = trained_float(sequential_cnn)
+    report = qat_plugin.inspect_tflite(qat_plugin.export_tflite(model))
+    assert not report.is_fully_int8
+    assert {op.name for op in report.float_ops} >= {"CONV_2D", "FULLY_CONNECTED"}
+
+
+def test_qat_model_refuses_ptq_modes():
+    model, x, y = trained_float(sequential_cnn)
+    qat = qat_fit(model, x, y)
+    with pytest.raises(ValueError, match="QAT model"):
+        qat_plugin.export_tflite(qat, mode="float16")
+
+
+def test_inspect_rejects_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No .tflite file"):
+        qat_plugin.inspect_tflite(tmp_path / "nope.tflite")

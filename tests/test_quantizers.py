@@ -1,0 +1,103 @@
+"""Fake-quant math and the range observer against NumPy references."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from qat_plugin.quantizers import (
+    ActivationQuantizer,
+    clamp_range,
+    fake_quant_activation,
+    fake_quant_weight,
+    integer_weight,
+)
+
+
+def numpy_fake_quant(x, range_min, range_max, num_bits=8):
+    """TensorFlow's FakeQuantWithMinMaxVars: nudged zero point, then round."""
+    qmin, qmax = 0, 2**num_bits - 1
+    scale = (range_max - range_min) / (qmax - qmin)
+    zero_point = np.clip(np.round(qmin - range_min / scale), qmin, qmax)
+    nudged_min = (qmin - zero_point) * scale
+    nudged_max = (qmax - zero_point) * scale
+    clipped = np.clip(x, nudged_min, nudged_max)
+    return np.round((clipped - nudged_min) / scale) * scale + nudged_min
+
+
+def test_activation_fake_quant_matches_numpy_reference():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=1000).astype("float32") * 3
+    got = ops.convert_to_numpy(fake_quant_activation(x, -2.3, 4.1))
+    want = numpy_fake_quant(x.astype("float64"), -2.3, 4.1)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # 256 levels at most, zero exactly representable.
+    assert len(np.unique(got)) <= 256
+    assert ops.convert_to_numpy(fake_quant_activation(np.zeros(3, "float32"), -2.3, 4.1)).tolist() == [0, 0, 0]
+
+
+def test_weight_fake_quant_is_symmetric_per_channel():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(3, 3, 4, 5)).astype("float32")
+    w[..., 2] *= 100  # one channel with a much larger range
+    got = ops.convert_to_numpy(fake_quant_weight(w, (0, 1, 2)))
+    scale = np.abs(w).max(axis=(0, 1, 2), keepdims=True) / 127
+    want = np.round(w / scale) * scale
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    values, exported_scale = integer_weight(w, (0, 1, 2))
+    assert values.min() >= -127 and values.max() <= 127
+    assert np.all(np.abs(values).max(axis=(0, 1, 2)) == 127)
+    np.testing.assert_allclose(exported_scale, scale, rtol=1e-6)
+
+
+def test_weight_fake_quant_per_tensor():
+    w = np.array([[0.5, -2.0], [1.0, 0.01]], "float32")
+    got = ops.convert_to_numpy(fake_quant_weight(w, (0, 1)))
+    scale = 2.0 / 127
+    np.testing.assert_allclose(got, np.round(w / scale) * scale, atol=1e-7)
+
+
+@pytest.mark.tf_only
+def test_weight_fake_quant_has_straight_through_gradient():
+    import tensorflow as tf
+
+    w = tf.Variable(np.linspace(-1, 1, 12, dtype="float32").reshape(3, 4))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(fake_quant_weight(w, (0,)) * 3.0)
+    np.testing.assert_allclose(tape.gradient(loss, w).numpy(), np.full((3, 4), 3.0))
+
+
+def test_clamp_range_includes_zero_and_is_symmetric_for_16_bits():
+    lo, hi = clamp_range(0.5, 2.0)
+    assert (float(lo), float(hi)) == (0.0, 2.0)
+    lo, hi = clamp_range(-3.0, 1.0, num_bits=16)
+    assert (float(lo), float(hi)) == (-3.0, 3.0)
+    lo, hi = clamp_range(0.0, 0.0)
+    assert float(hi) > float(lo)
+
+
+def test_observer_seeds_then_averages_then_freezes():
+    layer = keras.layers.Layer()
+    quantizer = ActivationQuantizer("out", ema_decay=0.9)
+    quantizer.build(layer)
+    assert not bool(quantizer.observed)
+    quantizer.observe(ops.convert_to_tensor([-1.0, 2.0]), frozen=False)
+    assert [float(quantizer.range_min), float(quantizer.range_max)] == [-1.0, 2.0]
+    quantizer.observe(ops.convert_to_tensor([-3.0, 12.0]), frozen=False)
+    np.testing.assert_allclose(
+        [float(quantizer.range_min), float(quantizer.range_max)],
+        [0.9 * -1 + 0.1 * -3, 0.9 * 2 + 0.1 * 12],
+        rtol=1e-6,
+    )
+    before = (float(quantizer.range_min), float(quantizer.range_max))
+    quantizer.observe(ops.convert_to_tensor([-100.0, 100.0]), frozen=True)
+    assert (float(quantizer.range_min), float(quantizer.range_max)) == before
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"num_bits": 4}, "num_bits must be 8 or 16"), ({"ema_decay": 1.0}, "ema_decay")],
+)
+def test_observer_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ActivationQuantizer("output", **kwargs)

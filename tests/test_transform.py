@@ -1,0 +1,173 @@
+"""quantize_model: the graph it builds, what it leaves alone, its errors."""
+
+import keras
+import numpy as np
+import pytest
+
+import qat_plugin
+from qat_plugin import layers as qlayers
+
+L = keras.layers
+
+
+def conv_bn_relu_model():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            L.Conv2D(4, 3, use_bias=False, name="conv"),
+            L.BatchNormalization(name="bn"),
+            L.ReLU(name="relu"),
+            L.Conv2D(4, 3, activation="relu6", name="conv_relu6"),
+            L.Flatten(name="flatten"),
+            L.Dense(3, activation="softmax", name="head"),
+        ],
+        name="cnn",
+    )
+
+
+def test_fuses_conv_bn_relu_and_splits_softmax():
+    qat = qat_plugin.quantize_model(conv_bn_relu_model())
+    by_name = {layer.name: layer for layer in qat.layers}
+    assert "bn" not in by_name and "relu" not in by_name
+    conv = by_name["conv"]
+    assert isinstance(conv, qlayers.QuantizedLinear)
+    assert conv.batch_norm is not None and conv.activation == "relu"
+    assert by_name["conv_relu6"].activation == "relu6"
+    assert type(by_name["flatten"]) is L.Flatten  # keeps its input's scale
+    assert by_name["head"].activation == "linear"
+    softmax = by_name["head_activation"]
+    assert isinstance(softmax, qlayers.QuantizeOutputWrapper)
+    assert softmax.fixed_range == (0.0, 255 / 256)
+    assert isinstance(by_name["input_layer_quantize"] if "input_layer_quantize" in by_name else qat.layers[1], qlayers.FakeQuant)
+
+
+def test_original_model_and_weights_are_untouched():
+    model = conv_bn_relu_model()
+    before = [w.copy() for w in model.get_weights()]
+    qat = qat_plugin.quantize_model(model)
+    qat.compile("adam", "sparse_categorical_crossentropy")
+    x = np.random.rand(16, 8, 8, 2).astype("float32")
+    qat.fit(x, np.zeros(16), epochs=1, verbose=0)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert model.layers[1].name == "bn"
+
+
+def test_weights_are_copied_into_the_quantized_layers():
+    model = conv_bn_relu_model()
+    qat = qat_plugin.quantize_model(model)
+    conv = {layer.name: layer for layer in qat.layers}["conv"]
+    np.testing.assert_array_equal(conv.layer.kernel.numpy(), model.get_layer("conv").kernel.numpy())
+    np.testing.assert_array_equal(
+        conv.batch_norm.moving_variance.numpy(), model.get_layer("bn").moving_variance.numpy()
+    )
+
+
+def test_concatenate_inputs_share_its_range():
+    inputs = keras.Input((6, 6, 3))
+    a = L.Conv2D(2, 1, name="a")(inputs)
+    b = L.Conv2D(2, 1, name="b")(inputs)
+    c = L.Conv2D(2, 1, name="c")(inputs)
+    merged = L.Concatenate(name="cat")([a, b])
+    out = L.Add(name="add")([L.Conv2D(4, 1, name="d")(merged), L.Concatenate(name="cat2")([c, c])])
+    qat = qat_plugin.quantize_model(keras.Model(inputs, out))
+    by_name = {layer.name: layer for layer in qat.layers}
+    assert not by_name["a"].quantize_output and not by_name["b"].quantize_output
+    assert not by_name["c"].quantize_output
+
+
+def test_shared_layer_stays_shared_and_is_not_fused():
+    inputs = keras.Input((4,))
+    dense = L.Dense(4, name="shared")
+    bn = L.BatchNormalization(name="bn")
+    out = L.Add()([bn(dense(inputs)), dense(inputs)])
+    qat = qat_plugin.quantize_model(keras.Model(inputs, out))
+    shared = [layer for layer in qat.layers if layer.name == "shared"]
+    assert len(shared) == 1 and shared[0].batch_norm is None
+    assert len(shared[0]._inbound_nodes) == 2
+    assert isinstance(qat.get_layer("bn"), qlayers.QuantizedBatchNormalization)
+
+
+def test_nested_models_are_inlined_with_unique_names():
+    inner = keras.Sequential(
+        [keras.Input((4,)), L.Dense(4, name="dense"), L.ReLU(name="relu")], name="block"
+    )
+    inputs = keras.Input((4,))
+    x = L.Dense(4, name="dense")(inputs) if False else inputs
+    out = L.Dense(2, name="head")(inner(inner(x)))
+    model = keras.Model(inputs, out)
+    qat = qat_plugin.quantize_model(model)
+    names = [layer.name for layer in qat.layers]
+    assert names.count("dense") == 1  # the nested layer is shared across both calls
+    assert qat.get_layer("dense").activation == "relu"
+    x = np.random.rand(5, 4).astype("float32")
+    assert qat(x).shape == (5, 2)
+
+
+def test_multi_input_multi_output_structure_is_kept():
+    a = keras.Input((4,), name="a")
+    b = keras.Input((4,), name="b")
+    merged = L.Concatenate()([L.Dense(3)(a), L.Dense(3)(b)])
+    model = keras.Model({"a": a, "b": b}, {"x": L.Dense(2)(merged), "y": L.Dense(1)(merged)})
+    qat = qat_plugin.quantize_model(model)
+    out = qat({"a": np.ones((2, 4), "float32"), "b": np.ones((2, 4), "float32")})
+    assert set(out) == {"x", "y"}
+
+
+def test_skip_keeps_layers_float():
+    model = conv_bn_relu_model()
+    qat = qat_plugin.quantize_model(model, skip=["conv_relu6"])
+    layer = qat.get_layer("conv_relu6")
+    assert type(layer) is L.Conv2D
+    assert isinstance(qat.get_layer("conv_relu6_quantize"), qlayers.FakeQuant)
+
+
+def test_unknown_layer_error_names_layer_and_ways_out():
+    class Doubler(L.Layer):
+        def call(self, x):
+            return x * 2
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, L.Dense(2)(Doubler(name="twice")(inputs)))
+    with pytest.raises(qat_plugin.UnsupportedLayerError) as error:
+        qat_plugin.quantize_model(model)
+    message = str(error.value)
+    assert "'twice'" in message and "Doubler" in message
+    assert "skip=['twice']" in message and "register_layer" in message
+
+
+def test_skip_with_unknown_name_fails():
+    with pytest.raises(ValueError, match="skip names layers that are not in model 'cnn': \\['nope'\\]"):
+        qat_plugin.quantize_model(conv_bn_relu_model(), skip=["nope"])
+
+
+def test_subclassed_model_is_rejected():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = L.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    with pytest.raises(qat_plugin.UnsupportedModelError, match="subclassed keras.Model"):
+        qat_plugin.quantize_model(Net())
+
+
+def test_unbuilt_sequential_is_rejected():
+    with pytest.raises(qat_plugin.UnsupportedModelError, match="keras.Input"):
+        qat_plugin.quantize_model(keras.Sequential([L.Dense(2)]))
+
+
+def test_non_keras3_model_is_rejected():
+    class FakeKeras2Model:
+        pass
+
+    FakeKeras2Model.__module__ = "tf_keras.src.engine.sequential"
+    with pytest.raises(qat_plugin.UnsupportedModelError, match="Keras 2 \\(tf_keras\\)"):
+        qat_plugin.quantize_model(FakeKeras2Model())
+
+
+def test_unknown_recipe_suggests_the_closest_name():
+    with pytest.raises(ValueError, match="Did you mean 'int8'"):
+        qat_plugin.quantize_model(conv_bn_relu_model(), recipe="int9")
