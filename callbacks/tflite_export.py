@@ -1,0 +1,216 @@
+"""`TFLiteExport`: writes the int8 .tflite during `fit` and scores it."""
+
+import os
+
+import keras
+import numpy as np
+
+from qat_plugin.export import export_tflite, is_quantized
+from qat_plugin.backend import is_primary_process
+from qat_plugin.files import write_bytes_atomic
+from qat_plugin.interpreter import TFLiteModel
+
+MODES = ("auto", "min", "max")
+
+
+def int8_accuracy(y_true, y_pred):
+    """Classification accuracy of interpreter outputs against labels.
+
+    Labels are class indices, or one-hot rows of the outputs' shape; a
+    single output unit is read as a probability thresholded at 0.5.
+
+    Example:
+
+    >>> import numpy as np
+    >>> int8_accuracy(np.array([0, 1]), np.array([[0.9, 0.1], [0.8, 0.2]]))
+    0.5
+    """
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_pred.shape[-1] == 1:
+        predicted = (y_pred[..., 0] > 0.5).astype("int64")
+        labels = y_true.reshape(predicted.shape)
+    else:
+        predicted = np.argmax(y_pred, axis=-1)
+        if y_true.shape == y_pred.shape:
+            labels = np.argmax(y_true, axis=-1)
+        else:
+            labels = y_true.reshape(predicted.shape)
+    return float(np.mean(predicted == labels))
+
+
+@keras.saving.register_keras_serializable(package="qat_plugin")
+class TFLiteExport(keras.callbacks.Callback):
+    """Exports the fully-int8 .tflite of a QAT model during `fit`.
+
+    Without `save_best_only` the model is exported after the last epoch
+    (also when training stops early). With `save_best_only=True` it is
+    exported at each epoch whose `monitor` value improves, as
+    `keras.callbacks.ModelCheckpoint` does. The file is written atomically:
+    readers never see a partial file.
+
+    With `validation_data`, each exported model runs in the LiteRT
+    interpreter on it and `int8_accuracy` is added to the epoch's `logs`
+    (so to the progress bar, `History` and TensorBoard), and kept in
+    `self.int8_accuracy`. `monitor="int8_accuracy"` exports and scores the
+    model at every epoch and keeps the best file.
+
+    Args:
+        filepath: path of the .tflite; may hold `{epoch}` and log keys, as
+            in `ModelCheckpoint` (e.g. `"model-{epoch:02d}.tflite"`).
+            Missing folders are created.
+        monitor: the log key to track with `save_best_only`.
+        mode: `"auto"`, `"min"` or `"max"`; `"auto"` maximizes accuracy-like
+            keys (containing "acc", or starting with "fmeasure") and
+            minimizes others.
+        save_best_only: export only when `monitor` improves.
+        validation_data: `(x, y)` arrays to score the exported model on.
+        batch_size: interpreter batch size.
+
+    Example:
+
+    >>> import os, tempfile, keras, numpy as np, qat_plugin
+    >>> from qat_plugin.callbacks import TFLiteExport
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> qat = qat_plugin.quantize_model(model)
+    >>> qat.compile("adam", "sparse_categorical_crossentropy")
+    >>> x = np.random.rand(32, 4).astype("float32"); y = np.arange(32) % 3
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
+    >>> export = TFLiteExport(path, validation_data=(x, y))
+    >>> history = qat.fit(x, y, epochs=2, verbose=0, callbacks=[export])
+    >>> os.path.exists(path), len(history.history["int8_accuracy"])
+    (True, 1)
+    """
+
+    def __init__(
+        self,
+        filepath,
+        monitor="val_loss",
+        mode="auto",
+        save_best_only=False,
+        validation_data=None,
+        batch_size=256,
+    ):
+        super().__init__()
+        filepath = os.fspath(filepath)
+        if not filepath.endswith(".tflite"):
+            raise ValueError(
+                f"TFLiteExport: filepath must end with .tflite, got {filepath!r}."
+            )
+        if mode not in MODES:
+            raise ValueError(
+                f"TFLiteExport: mode must be one of {MODES}, got {mode!r}."
+            )
+        if validation_data is not None and (
+            not isinstance(validation_data, (tuple, list))
+            or len(validation_data) != 2
+        ):
+            raise ValueError(
+                "TFLiteExport: validation_data must be an (x, y) tuple of "
+                f"arrays, got {type(validation_data).__name__}."
+            )
+        if monitor.startswith("int8_") and validation_data is None:
+            raise ValueError(
+                f"TFLiteExport: monitor={monitor!r} is measured on the "
+                "exported model; pass validation_data=(x, y)."
+            )
+        self.filepath = filepath
+        self.monitor = monitor
+        self.mode = mode
+        self.save_best_only = save_best_only
+        self.validation_data = validation_data
+        self.batch_size = batch_size
+        if mode == "auto":
+            name = monitor.lower()
+            mode = "max" if "acc" in name or name.startswith("fmeasure") else "min"
+        self._greater_is_better = mode == "max"
+        self.best = None
+        self.int8_accuracy = None
+        self.last_path = None
+        self._exported_last_epoch = False
+
+    def on_train_begin(self, logs=None):
+        if not is_quantized(self.model):
+            raise ValueError(
+                f"TFLiteExport: model '{self.model.name}' is not a QAT model; "
+                "pass the model returned by qat_plugin.quantize_model (export "
+                "float models with qat_plugin.export_tflite(model, mode=...))."
+            )
+        self.best = None
+        self._exported_last_epoch = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {} if logs is None else logs
+        self._exported_last_epoch = False
+        if self.save_best_only:
+            self._export_if_best(epoch, logs)
+        elif epoch + 1 >= self.params.get("epochs", 0) or self.model.stop_training:
+            self._export(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        if not self.save_best_only and not self._exported_last_epoch:
+            self._export(self._last_epoch(), {} if logs is None else logs)
+
+    def _last_epoch(self):
+        history = getattr(self.model, "history", None)
+        epochs = getattr(history, "epoch", None)
+        return epochs[-1] if epochs else 0
+
+    def _export_if_best(self, epoch, logs):
+        data = None
+        if self.monitor.startswith("int8_"):
+            data = export_tflite(self.model)
+            logs.update(self._score(data))
+        current = logs.get(self.monitor)
+        if current is None:
+            raise KeyError(
+                f"TFLiteExport: monitor={self.monitor!r} is not in the logs; "
+                f"available keys: {sorted(logs)}. Pass validation data to "
+                "fit() for val_ keys."
+            )
+        current = float(current)
+        if self.best is not None and not (
+            current > self.best if self._greater_is_better else current < self.best
+        ):
+            return
+        self.best = current
+        self._export(epoch, logs, data)
+
+    def _export(self, epoch, logs, data=None):
+        if data is None:
+            data = export_tflite(self.model)
+            logs.update(self._score(data))
+        try:
+            path = self.filepath.format(epoch=epoch + 1, **logs)
+        except KeyError as error:
+            raise KeyError(
+                f"TFLiteExport: cannot format filepath {self.filepath!r}: "
+                f"{error} is not a log key; keys: {sorted(logs)}."
+            ) from None
+        if is_primary_process():  # one writer in multi-process training
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            write_bytes_atomic(path, data)
+        self.last_path = path
+        self._exported_last_epoch = True
+
+    def _score(self, data):
+        if self.validation_data is None:
+            return {}
+        x, y = self.validation_data
+        predictions = TFLiteModel(data).predict(x, batch_size=self.batch_size)
+        self.int8_accuracy = int8_accuracy(y, predictions)
+        return {"int8_accuracy": self.int8_accuracy}
+
+    def get_config(self):
+        return {
+            "filepath": self.filepath,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "save_best_only": self.save_best_only,
+            "batch_size": self.batch_size,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
