@@ -26,11 +26,14 @@ def load_model_bytes(model):
     )
 
 
-def make_interpreter(model, num_threads=None, use_xnnpack=True):
+def make_interpreter(model, num_threads=None, use_xnnpack=True,
+                     preserve_all_tensors=False):
     """Returns a LiteRT `Interpreter` for `model` (bytes or path).
 
     With `use_xnnpack=False` the default XNNPACK delegate is left out, so
     that the op list shows the model's own ops instead of one DELEGATE node.
+    With `preserve_all_tensors=True` intermediate tensors stay readable after
+    `invoke()` (for layer-wise error reports; costs memory).
     """
     interpreter = _interpreter_module()
     resolver = (
@@ -42,6 +45,7 @@ def make_interpreter(model, num_threads=None, use_xnnpack=True):
         model_content=load_model_bytes(model),
         num_threads=num_threads,
         experimental_op_resolver_type=resolver,
+        experimental_preserve_all_tensors=preserve_all_tensors,
     )
 
 
@@ -78,6 +82,8 @@ class TFLiteModel:
         model: .tflite bytes or a path.
         num_threads: interpreter threads (None: the runtime's default).
         use_xnnpack: use the default XNNPACK delegate.
+        preserve_all_tensors: keep intermediate tensors readable after
+            each invoke.
 
     Example:
 
@@ -88,8 +94,11 @@ class TFLiteModel:
     (3, 2)
     """
 
-    def __init__(self, model, num_threads=None, use_xnnpack=True):
-        self.interpreter = make_interpreter(model, num_threads, use_xnnpack)
+    def __init__(self, model, num_threads=None, use_xnnpack=True,
+                 preserve_all_tensors=False):
+        self.interpreter = make_interpreter(
+            model, num_threads, use_xnnpack, preserve_all_tensors
+        )
         self.interpreter.allocate_tensors()
         self.input_details = self.interpreter.get_input_details()
         self.output_details = self.interpreter.get_output_details()
