@@ -36,7 +36,7 @@ _ACTIVATION_HEAD_CLASSES = ("Add", "Subtract", "Multiply")
 
 def _accepts_activation(node):
     policy = registry.policy_for(node.layer)
-    if policy in (registry.LINEAR, registry.BATCH_NORM):
+    if policy in (registry.LINEAR, registry.BATCH_NORM, registry.SCALED_ADD):
         return True
     return policy == registry.OUTPUT and type(node.layer).__name__ in _ACTIVATION_HEAD_CLASSES
 

@@ -1,17 +1,28 @@
 """`quantize_model`: rebuilds a Keras 3 model with fake-quant for QAT."""
 
+import inspect
+
 import keras
+import numpy as np
 from keras import tree
+from keras.src.ops import numpy as _numpy_ops
 
 from qat_plugin import registry
 from qat_plugin.fusion import find_fusions
 from qat_plugin.graph import LayerGraph
 from qat_plugin.layers import (
     FakeQuant,
+    LayerQuantization,
+    OperationLayer,
+    QuantizedAffine,
     QuantizedBatchNormalization,
+    QuantizedCustomLayer,
     QuantizedLinear,
+    QuantizedSwish,
     QuantizeOutputWrapper,
 )
+from qat_plugin.layers.activation import GATED_ACTIVATIONS
+from qat_plugin.layers.operation import argument_template
 from qat_plugin.quantizers import FIXED_RANGES
 from qat_plugin.recipes import resolve
 
@@ -29,17 +40,28 @@ def quantize_model(model, recipe="int8", *, skip=()):
     fake-quantized per output channel; ReLU/ReLU6 are fused into the op
     before them; Concatenate inputs share the output's range; pooling,
     reshapes and padding keep their input's range. Nested models are
-    inlined, shared layers stay shared. `model` and its weights are not
-    changed. Train the copy with `fit` (a small learning rate, starting from
-    the trained float weights), then export it with `export_tflite`.
+    inlined, shared layers stay shared. `keras.ops` calls that a Functional
+    model records (`x + 3.0`, `ops.silu(x)`) quantize like the matching
+    layers, and constants the converter folds into a Conv/Dense (a
+    following `+ c`, Inception-ResNet's residual scale, ConvNeXt's
+    LayerScale) are folded into its quantized weights here too. Custom
+    layers quantize as declared with `register_layer`. `model` and its
+    weights are not changed. Train the copy with `fit` (a small learning
+    rate, starting from the trained float weights), or set its ranges with
+    `calibrate`, then export it with `export_tflite`.
 
     Args:
         model: a Keras 3 Sequential or Functional model (nested models,
             shared layers and several inputs/outputs are fine).
         recipe: a built-in recipe name (see `qat_plugin.recipes.names()`),
             a path to a recipe TOML file, or a `Recipe`.
-        skip: names of layers to keep in float. The export then holds a
-            float island with QUANTIZE/DEQUANTIZE around it.
+        skip: names of layers to keep out of QAT (no fake-quant, no
+            fusion). The export holds a float island with QUANTIZE /
+            DEQUANTIZE around it wherever a skipped layer's output feeds
+            another skipped layer; a lone skipped op between two int8
+            tensors the converter still quantizes on its own (with
+            post-training weight scales). `inspect_tflite(...).float_ops`
+            lists what stays float.
 
     Returns:
         A new Functional `keras.Model`.
@@ -87,13 +109,51 @@ def _check_registered(graph, skip):
             f"Layer '{layer.name}' ({kind}) has no quantization policy. Keep "
             f"it in float with quantize_model(..., skip=['{layer.name}']), or "
             f"declare how it quantizes with qat_plugin.register_layer("
-            f"{type(layer).__name__}, policy) where policy is 'passthrough', "
-            "'output' or 'shared_scale'."
+            f"{type(layer).__name__}, policy) where policy is a "
+            "qat_plugin.LayerQuantization(weights=..., ...) or one of "
+            "'passthrough', 'output', 'shared_scale', 'float'."
         )
 
 
 def _clone(layer):
     return type(layer).from_config(layer.get_config())
+
+
+_CONCATENATIONS = (keras.layers.Concatenate, _numpy_ops.Concatenate)
+
+# Linear layers whose kernel's last axis is the output channel axis.
+_SCALE_FOLDABLE = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Dense,
+)
+
+
+def _scaled_weights(scale):
+    """Scales a Conv/Dense's output channels: kernel and bias times `scale`."""
+
+    def transform(weights):
+        return [w * scale for w in weights]
+
+    return transform
+
+
+def _shifted_bias(constant):
+    """Adds `constant` to a Conv/Dense's bias (weights `[kernel, bias]`)."""
+
+    def transform(weights):
+        bias = weights[1] + constant
+        if bias.size > 1 and np.all(bias == bias.flat[0]) and bias.flat[0] != 0:
+            # The converter quantizes a bias whose values are all equal (a
+            # "splat" constant, e.g. a zero bias plus 3) with the first
+            # channel's scale only, which corrupts every other channel
+            # (measured). One ulp off on one channel keeps it a plain tensor.
+            bias = bias.copy()
+            bias.flat[-1] = np.nextafter(bias.flat[-1], np.inf, dtype=bias.dtype)
+        return [weights[0], bias] + list(weights[2:])
+
+    return transform
 
 
 class _Builder:
@@ -106,8 +166,11 @@ class _Builder:
         self.fusions = find_fusions(graph, skip)
         self.tensors = {}
         self.new_layers = {}  # key (id of the original layer) -> new layer
-        self.weight_pairs = []  # (original layer, its copy in the new model)
+        # (original layer, its copy in the new model, weight transform)
+        self.weight_pairs = []
         self.names = {node.name for node in graph.nodes}
+        self.scale_folds, self.folded_scales = self._plan_scale_folds()
+        self.bias_folds = self._plan_bias_folds()
 
     def _unique(self, name):
         candidate, n = name, 1
@@ -117,10 +180,104 @@ class _Builder:
         self.names.add(candidate)
         return candidate
 
-    def _copy(self, layer):
+    def _copy(self, layer, transform=None):
+        """A fresh copy of `layer`; its weights (through `transform`) follow."""
         copy = _clone(layer)
-        self.weight_pairs.append((layer, copy))
+        self.weight_pairs.append((layer, copy, transform))
         return copy
+
+    def _plan_scale_folds(self):
+        """Finds the constant scales that fold into the Conv/Dense before them.
+
+        The converter folds a multiplication by a constant into the weights
+        of the convolution or fully-connected op producing its input
+        (Inception-ResNet's residual scale, ConvNeXt's LayerScale); QAT must
+        quantize the folded weights to export the same single op.
+
+        Returns `({id(linear node): scale}, {id(scaling node)})`.
+        """
+        folds, folded = {}, set()
+        for node in self.graph.nodes:
+            policy = registry.policy_for(node.layer)
+            if policy not in (registry.SCALED_ADD, registry.CHANNEL_SCALE):
+                continue
+            if self._is_float(node) or self.graph.is_shared(node.layer):
+                continue
+            if policy == registry.SCALED_ADD:
+                if len(node.inputs) != 2 or node.inputs[0] == node.inputs[1]:
+                    continue
+                scaled_key = node.inputs[1]
+                scale = float(node.layer.scale)
+            else:
+                scaled_key = node.inputs[0]
+                scale = keras.ops.convert_to_numpy(node.layer.gamma)
+            producer = self.graph.producer.get(scaled_key)
+            if producer is not None and self._scale_folds_into(producer, node):
+                folds[id(producer)] = scale
+                folded.add(id(node))
+        return folds, folded
+
+    def _plan_bias_folds(self):
+        """Finds `x + constant` ops that fold into the Conv/Dense bias before.
+
+        The converter folds the addition of a constant into the bias of the
+        op producing `x` (MobileNetV3's hard sigmoid, `relu6(conv + 3)`), and
+        a ReLU/ReLU6 after the addition then fuses into that op.
+
+        Returns `{id(linear node): (constant, addition node)}`.
+        """
+        folds = {}
+        for node in self.graph.nodes:
+            if type(node.layer) is not _numpy_ops.Add or self._is_float(node):
+                continue
+            args = node.arguments.args
+            if len(args) != 2 or node.arguments.kwargs or len(node.inputs) != 1:
+                continue
+            constant = args[1] if isinstance(args[0], keras.KerasTensor) else args[0]
+            if not isinstance(constant, (int, float)):
+                continue
+            producer = self.graph.producer.get(node.inputs[0])
+            if (
+                producer is not None
+                and id(producer) not in self.scale_folds
+                and self._scale_folds_into(producer, node)
+                and producer.layer.use_bias
+            ):
+                folds[id(producer)] = (float(constant), node)
+        return folds
+
+    def _scale_folds_into(self, producer, node):
+        layer = producer.layer
+        fusion = self.fusions.get(id(producer))
+        return (
+            type(layer) in _SCALE_FOLDABLE
+            and not self._is_float(producer)
+            and not self.graph.is_shared(layer)
+            and getattr(layer, "data_format", "channels_last") == "channels_last"
+            and fusion is not None
+            and fusion.batch_norm is None
+            and fusion.activation is None
+            and registry.function_name(layer.activation) == "linear"
+            and self.graph.sole_consumer(producer.outputs[0]) is node
+        )
+
+    def _copy_of(self, node):
+        """A fresh layer computing what `node` computes.
+
+        A `keras.ops` call recorded by a Functional model becomes an
+        `OperationLayer` that keeps the call's constant arguments.
+        """
+        if isinstance(node.layer, keras.layers.Layer):
+            return self._copy(node.layer)
+        template, _ = argument_template(node.arguments.args, node.arguments.kwargs)
+        return OperationLayer(node.layer, arguments=template, name=node.name)
+
+    def _is_float(self, node):
+        """True for a node kept in float (`skip=` or the `FLOAT` policy)."""
+        return (
+            node.name in self.skip
+            or registry.policy_for(node.layer) == registry.FLOAT
+        )
 
     def _quantizer_kwargs(self):
         return {
@@ -149,16 +306,25 @@ class _Builder:
         outputs = tree.pack_sequence_as(self.graph.outputs_struct, outputs)
         inputs = tree.pack_sequence_as(self.graph.inputs_struct, new_inputs)
         model = keras.Model(inputs, outputs, name=self.graph.name)
-        for original, copy in self.weight_pairs:
-            copy.set_weights(original.get_weights())
+        for original, copy, transform in self.weight_pairs:
+            weights = original.get_weights()
+            copy.set_weights(weights if transform is None else transform(weights))
         return model
 
     def _call(self, layer, node):
+        if not isinstance(node.layer, keras.layers.Layer):
+            tensors = [self.tensors[key] for key in node.inputs]
+            return layer(tensors[0] if len(tensors) == 1 else tensors)
         values = {
             id(t): self.tensors[key]
             for t, key in zip(node.arguments.keras_tensors, node.inputs)
         }
         args, kwargs = node.arguments.fill_in(values)
+        if not isinstance(layer, type(node.layer)):
+            # A quantized wrapper takes the tensors, not the wrapped layer's
+            # other call arguments (mask=None, ...).
+            accepted = inspect.signature(layer.call).parameters
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         return layer(*args, **kwargs)
 
     def _layer_for(self, key, make):
@@ -171,11 +337,28 @@ class _Builder:
         fusion = self.fusions.get(id(node))
         if fusion is not None and node is not fusion.head:
             return  # Built with its head.
-        if node.name in self.skip:
+        if any(add is node for _, add in self.bias_folds.values()):
+            return  # Folded into the bias of the op before it.
+        if self._is_float(node):
             self._build_float(node)
             return
         policy = registry.policy_for(node.layer)
-        if policy == registry.LINEAR:
+        if isinstance(policy, LayerQuantization):
+            self._build_custom(node, policy)
+        elif policy == registry.SCALED_ADD:
+            self._build_scaled_add(node, fusion)
+        elif policy == registry.CHANNEL_SCALE and id(node) in self.folded_scales:
+            self.tensors[node.outputs[0]] = self.tensors[node.inputs[0]]
+        elif policy == registry.AFFINE:
+            layer = self._layer_for(
+                id(node.layer),
+                lambda: QuantizedAffine(
+                    self._copy(node.layer), name=node.name,
+                    **self._quantizer_kwargs(),
+                ),
+            )
+            self._store_outputs(node, self._call(layer, node))
+        elif policy == registry.LINEAR:
             self._build_linear(node, fusion)
         elif policy == registry.BATCH_NORM:
             layer = self._layer_for(
@@ -190,58 +373,144 @@ class _Builder:
             self.tensors[fusion.tail.outputs[0]] = self._call(layer, node)
         elif policy == registry.ACTIVATION:
             self._build_activation(node)
-        elif policy in (registry.OUTPUT, registry.SHARED_SCALE):
+        elif policy == registry.SHARED_SCALE and self._feeds_a_shared_scale(node):
+            # A concatenation read by another one (DenseNet's growing
+            # blocks): the whole chain shares the last one's scale, which
+            # the converter propagates back, as its own PTQ does. A range of
+            # its own here would cost a requantize (QUANTIZE) op.
+            layer = self._layer_for(id(node.layer), lambda: self._copy_of(node))
+            self._store_outputs(node, self._call(layer, node))
+        elif policy in (
+            registry.OUTPUT, registry.SHARED_SCALE, registry.CHANNEL_SCALE
+        ):
             activation = fusion.activation_name if fusion else "linear"
             tail = fusion.tail if fusion else node
             layer = self._layer_for(
                 id(node.layer),
                 lambda: QuantizeOutputWrapper(
-                    self._copy(node.layer),
+                    self._copy_of(node),
                     activation=activation,
+                    # Read by a concatenation: takes its scale (converter).
+                    quantize_output=not self._feeds_only_shared_scale(tail),
                     name=node.name,
                     **self._quantizer_kwargs(),
                 ),
             )
             self.tensors[tail.outputs[0]] = self._call(layer, node)
         else:  # PASSTHROUGH
-            layer = self._layer_for(id(node.layer), lambda: self._copy(node.layer))
+            layer = self._layer_for(id(node.layer), lambda: self._copy_of(node))
             self._store_outputs(node, self._call(layer, node))
+
+    def _build_scaled_add(self, node, fusion):
+        """`inputs[0] + inputs[1] * scale` as ADD, after a MUL unless folded."""
+        shortcut, residual = (self.tensors[key] for key in node.inputs)
+        if id(node) not in self.folded_scales:
+            scale = self._layer_for(
+                ("scale", id(node.layer)),
+                lambda: QuantizeOutputWrapper(
+                    keras.layers.Rescaling(node.layer.scale),
+                    name=self._unique(f"{node.name}_scale"),
+                    **self._quantizer_kwargs(),
+                ),
+            )
+            residual = scale(residual)
+        add = self._layer_for(
+            id(node.layer),
+            lambda: QuantizeOutputWrapper(
+                keras.layers.Add(),
+                activation=fusion.activation_name,
+                name=node.name,
+                **self._quantizer_kwargs(),
+            ),
+        )
+        self.tensors[fusion.tail.outputs[0]] = add([shortcut, residual])
+
+    def _build_custom(self, node, policy):
+        layer = self._layer_for(
+            id(node.layer),
+            lambda: QuantizedCustomLayer(
+                self._copy(node.layer),
+                weights=policy.weights,
+                quantize_output=policy.has_output_quantizer,
+                fixed_output_range=policy.fixed_output_range,
+                weight_bits=self.scheme.weight_bits,
+                name=node.name,
+                **self._quantizer_kwargs(),
+            ),
+        )
+        self._store_outputs(node, self._call(layer, node))
 
     def _store_outputs(self, node, outputs):
         for key, value in zip(node.outputs, tree.flatten(outputs)):
             self.tensors[key] = value
 
-    def _feeds_only_shared_scale(self, node):
-        """True when every reader of `node`'s output adopts a shared scale."""
-        keys = [n.outputs[0] for n in self.graph.calls[id(node.layer)]]
-        for key in keys:
+    def _feeds_a_shared_scale(self, node):
+        """True when a shared-scale op (of the same class) reads `node`'s output."""
+        for call in self.graph.calls[id(node.layer)]:
+            key = call.outputs[0]
             if key in self.graph.output_keys:
                 return False
-            consumers = self.graph.consumers.get(key, [])
-            if not consumers:
-                return False
-            for consumer in consumers:
-                if consumer.name in self.skip or (
-                    registry.policy_for(consumer.layer) != registry.SHARED_SCALE
+            for consumer in self.graph.consumers.get(key, []):
+                if not self._is_float(consumer) and type(consumer.layer) is type(
+                    node.layer
                 ):
-                    return False
-        return True
+                    return True
+        return False
+
+    def _feeds_only_shared_scale(self, node):
+        """True when `node`'s output takes its scale from a shared-scale op.
+
+        The converter gives a tensor read only by shared-scale ops (MAXIMUM,
+        CONCATENATION, ...) their scale. A tensor read by a CONCATENATION
+        gets the concatenation's scale also when other ops read it (as in
+        the converter's own PTQ): the concatenation's range covers it, and a
+        range of its own would cost a requantize op. (MAXIMUM/MINIMUM ranges
+        need not cover their inputs, nor does a concatenation cover what a
+        pooling before it read: there a tensor keeps its range.)
+        """
+        return all(
+            self._takes_shared_scale(n.outputs[0])
+            for n in self.graph.calls[id(node.layer)]
+        )
+
+    def _takes_shared_scale(self, key):
+        if key in self.graph.output_keys:
+            return False
+        consumers = self.graph.consumers.get(key, [])
+        if not consumers or any(self._is_float(c) for c in consumers):
+            return False
+        if any(type(c.layer) in _CONCATENATIONS for c in consumers):
+            return True
+        return all(
+            registry.policy_for(c.layer) == registry.SHARED_SCALE for c in consumers
+        )
 
     def _build_linear(self, node, fusion):
         own_activation = registry.function_name(node.layer.activation)
         split = own_activation not in registry.FUSABLE_ACTIVATIONS
         activation_name = "linear" if split else fusion.activation_name
         tail = fusion.tail
+        scale = self.scale_folds.get(id(node))
+        transform = None if scale is None else _scaled_weights(scale)
+        if id(node) in self.bias_folds:
+            constant, addition = self.bias_folds[id(node)]
+            transform = _shifted_bias(constant)
+            add_fusion = self.fusions.get(id(addition))
+            if add_fusion is not None:
+                activation_name = add_fusion.activation_name
+                tail = add_fusion.tail
+            else:
+                tail = addition
         layer = self._layer_for(
-            node,
+            id(node.layer),
             lambda: QuantizedLinear(
-                self._copy(node.layer),
+                self._copy(node.layer, transform),
                 batch_norm=None
                 if fusion.batch_norm is None
                 else self._copy(fusion.batch_norm.layer),
                 activation=activation_name,
                 quantize_output=split
-                or not self._feeds_only_shared_scale(fusion.tail),
+                or not self._feeds_only_shared_scale(tail),
                 per_channel=self.scheme.per_channel,
                 weight_bits=self.scheme.weight_bits,
                 name=node.name,
@@ -250,45 +519,55 @@ class _Builder:
         )
         outputs = self._call(layer, node)
         if split:
-            activation = keras.layers.Activation(
-                own_activation, name=f"{node.name}_activation"
-            )
             wrapper = self._layer_for(
                 ("activation", id(node.layer)),
-                lambda: QuantizeOutputWrapper(
-                    activation,
-                    fixed_range=FIXED_RANGES.get(own_activation),
-                    name=self._unique(f"{node.name}_activation"),
-                    **self._quantizer_kwargs(),
+                lambda: self._quantized_activation(
+                    keras.layers.Activation(
+                        own_activation, name=f"{node.name}_activation"
+                    ),
+                    own_activation,
+                    self._unique(f"{node.name}_activation"),
                 ),
             )
             outputs = wrapper(outputs)
         self.tensors[tail.outputs[0]] = outputs
 
+    def _quantized_activation(self, layer, name, layer_name):
+        """The quantized form of activation `layer` computing `name`.
+
+        Swish is two int8 ops (LOGISTIC, MUL); every other activation is
+        one, with an observed or (sigmoid, softmax, tanh) fixed output range.
+        """
+        if name in GATED_ACTIVATIONS:
+            return QuantizedSwish(layer, name=layer_name, **self._quantizer_kwargs())
+        return QuantizeOutputWrapper(
+            layer,
+            fixed_range=FIXED_RANGES.get(name),
+            name=layer_name,
+            **self._quantizer_kwargs(),
+        )
+
     def _build_activation(self, node):
         name = registry.activation_name(node.layer)
         if name == "linear":
-            layer = self._layer_for(id(node.layer), lambda: self._copy(node.layer))
+            layer = self._layer_for(id(node.layer), lambda: self._copy_of(node))
         else:
             layer = self._layer_for(
                 id(node.layer),
-                lambda: QuantizeOutputWrapper(
-                    self._copy(node.layer),
-                    fixed_range=FIXED_RANGES.get(name),
-                    name=node.name,
-                    **self._quantizer_kwargs(),
+                lambda: self._quantized_activation(
+                    self._copy_of(node), name, node.name
                 ),
             )
         self._store_outputs(node, self._call(layer, node))
 
     def _build_float(self, node):
         """A layer kept in float; its output is re-quantized where needed."""
-        layer = self._layer_for(id(node.layer), lambda: self._copy(node.layer))
+        layer = self._layer_for(id(node.layer), lambda: self._copy_of(node))
         outputs = tree.flatten(self._call(layer, node))
         for key, value in zip(node.outputs, outputs):
             readers = self.graph.consumers.get(key, [])
             needs_int8 = key in self.graph.output_keys or any(
-                reader.name not in self.skip for reader in readers
+                not self._is_float(reader) for reader in readers
             )
             if needs_int8 and "float" in str(value.dtype):
                 value = self._layer_for(

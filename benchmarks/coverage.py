@@ -1,0 +1,234 @@
+"""Coverage of keras.applications: QAT export vs the converter's own PTQ.
+
+For each architecture (random weights, `weights=None`) this builds the
+float model, runs `quantize_model`, a short `calibrate`, `export_tflite` and
+the LiteRT interpreter, and the converter's full-int8 post-training
+quantization of the float model on the same calibration batch. It prints a
+Markdown table: fully int8 or not, op counts (QAT vs PTQ), parity of the
+exported model with the Keras QAT model (top-1 agreement and the largest
+output error in output quantization steps) and the time taken.
+
+Random weights: the outputs are logits (`classifier_activation=None`) of a
+10-class head, so that top-1 agreement compares real values rather than
+ties of a near-uniform softmax. tfmot 0.8.1 (Keras 2) on the same families
+is given beside the table (measured earlier, see the README).
+
+Usage:
+    python benchmarks/coverage.py                       # every model
+    python benchmarks/coverage.py MobileNetV3Small ResNet50V2 --size 96
+    python benchmarks/coverage.py --list
+"""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import qat_plugin  # noqa: E402
+
+A = keras.applications
+
+# name: (constructor, smallest input side it accepts, extra arguments).
+MODELS = {
+    "MobileNet": (A.MobileNet, 32, {}),
+    "MobileNetV2": (A.MobileNetV2, 32, {}),
+    "MobileNetV3Small": (A.MobileNetV3Small, 32, {}),
+    "MobileNetV3Large": (A.MobileNetV3Large, 32, {}),
+    "MobileNetV3Small-nopreproc": (
+        A.MobileNetV3Small, 32, {"include_preprocessing": False}),
+    "ResNet50": (A.ResNet50, 32, {}),
+    "ResNet101": (A.ResNet101, 32, {}),
+    "ResNet152": (A.ResNet152, 32, {}),
+    "ResNet50V2": (A.ResNet50V2, 32, {}),
+    "ResNet101V2": (A.ResNet101V2, 32, {}),
+    "ResNet152V2": (A.ResNet152V2, 32, {}),
+    "EfficientNetB0": (A.EfficientNetB0, 32, {}),
+    "EfficientNetB1": (A.EfficientNetB1, 32, {}),
+    "EfficientNetB7": (A.EfficientNetB7, 32, {}),
+    "EfficientNetV2B0": (A.EfficientNetV2B0, 32, {}),
+    "EfficientNetV2B0-nopreproc": (
+        A.EfficientNetV2B0, 32, {"include_preprocessing": False}),
+    "EfficientNetV2S": (A.EfficientNetV2S, 32, {}),
+    "DenseNet121": (A.DenseNet121, 32, {}),
+    "DenseNet169": (A.DenseNet169, 32, {}),
+    "DenseNet201": (A.DenseNet201, 32, {}),
+    "NASNetMobile": (A.NASNetMobile, 32, {}),
+    "NASNetLarge": (A.NASNetLarge, 32, {}),
+    "InceptionV3": (A.InceptionV3, 75, {}),
+    "InceptionResNetV2": (A.InceptionResNetV2, 75, {}),
+    "Xception": (A.Xception, 71, {}),
+    "VGG16": (A.VGG16, 32, {}),
+    "VGG19": (A.VGG19, 32, {}),
+    "ConvNeXtTiny": (A.ConvNeXtTiny, 32, {}),
+    "ConvNeXtSmall": (A.ConvNeXtSmall, 32, {}),
+}
+
+
+# tfmot 0.8.1 on the tf_keras.applications counterparts (Keras 2), measured
+# earlier on this machine kind (shared/notes/quantization-facts.md).
+TFMOT = {
+    "MobileNet": "fully int8",
+    "MobileNetV2": "fully int8",
+    "ResNet50": "fully int8",
+    "Xception": "fully int8",
+    "VGG16": "fully int8",
+    "InceptionV3": "float CONV_2D left",
+    "MobileNetV3Small": "refused (op layers)",
+    "ResNet50V2": "refused (BN not after conv)",
+    "DenseNet121": "refused (BN not after conv)",
+    "NASNetMobile": "refused (BN not after conv)",
+    "EfficientNetB0": "refused (Rescaling)",
+    "EfficientNetV2B0": "refused (Rescaling)",
+    "ConvNeXtTiny": "refused (nested model)",
+}
+
+
+def build(name, size, include_top):
+    constructor, smallest, extra = MODELS[name]
+    side = max(size, smallest)
+    arguments = dict(weights=None, input_shape=(side, side, 3), **extra)
+    if include_top:
+        arguments.update(classes=10, classifier_activation=None)
+    else:
+        arguments.update(include_top=False, pooling="avg")
+    return constructor(**arguments)
+
+
+def images(model, count, seed=0):
+    """Pixels in [0, 255]; models without built-in preprocessing get [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    shape = (count,) + tuple(model.inputs[0].shape[1:])
+    pixels = rng.uniform(0, 255, shape).astype("float32")
+    preprocessing = (keras.layers.Rescaling, keras.layers.Normalization)
+    if any(isinstance(layer, preprocessing) for layer in model.layers):
+        return pixels
+    return pixels / 127.5 - 1.0
+
+
+def settle_batch_norm(model, x):
+    """Sets every BatchNormalization's moving statistics to `x`'s batch ones.
+
+    Random weights with the initial statistics (mean 0, variance 1) make
+    the activations of deep nets vanish or explode; one training-mode pass
+    with momentum 0 gives each layer the statistics of its real input, as a
+    trained model has them.
+    """
+    norms = [
+        layer for layer in _all_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.momentum = 0.0
+    model(x, training=True)
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+        else:
+            yield layer
+
+
+def measure(name, size, include_top, samples):
+    start = time.perf_counter()
+    model = build(name, size, include_top)
+    x = images(model, samples)
+    settle_batch_norm(model, x)
+    qat = qat_plugin.quantize_model(model)
+    qat_plugin.calibrate(qat, x, batch_size=8)
+    data = qat_plugin.export_tflite(qat)
+    report = qat_plugin.inspect_tflite(data)
+    runner = qat_plugin.TFLiteModel(data)
+    keras_out = np.asarray(qat.predict(x, verbose=0, batch_size=8))
+    tflite_out = np.asarray(runner.predict(x))
+    step = runner.output_steps()[0]
+    error_steps = float(np.abs(keras_out - tflite_out).max() / step)
+    agreement = float(np.mean(keras_out.argmax(-1) == tflite_out.argmax(-1)))
+    qat_seconds = time.perf_counter() - start
+    ptq = qat_plugin.inspect_tflite(
+        qat_plugin.export_tflite(model, representative_data=x)
+    )
+    float_ops = sorted({op.name for op in report.float_ops})
+    return {
+        "model": name,
+        "input": model.inputs[0].shape[1],
+        "top": "yes" if include_top else "no",
+        "int8": "yes" if report.is_fully_int8 else f"no ({', '.join(float_ops)})",
+        "ops": len(report.ops),
+        "ptq_ops": len(ptq.ops),
+        "ptq_int8": "yes" if ptq.is_fully_int8 else "no",
+        "op_diff": _op_difference(report.op_counts, ptq.op_counts),
+        "agreement": agreement,
+        "steps": error_steps,
+        "seconds": qat_seconds,
+        "tfmot": TFMOT.get(name, "not measured"),
+    }
+
+
+def _op_difference(qat_counts, ptq_counts):
+    names = sorted(set(qat_counts) | set(ptq_counts))
+    parts = [
+        f"{n} {qat_counts.get(n, 0) - ptq_counts.get(n, 0):+d}"
+        for n in names
+        if qat_counts.get(n, 0) != ptq_counts.get(n, 0)
+    ]
+    return ", ".join(parts) or "same"
+
+
+HEADER = (
+    "| model | input | top | fully int8 | ops (QAT / PTQ) | PTQ int8 | "
+    "op difference | top-1 agreement | max error (steps) | time (s) | "
+    "tfmot (Keras 2) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def row(r):
+    return (
+        f"| {r['model']} | {r['input']} | {r['top']} | {r['int8']} | "
+        f"{r['ops']} / {r['ptq_ops']} | {r['ptq_int8']} | {r['op_diff']} | "
+        f"{r['agreement']:.1%} | {r['steps']:.2f} | {r['seconds']:.0f} | "
+        f"{r['tfmot']} |"
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="names (default: all)")
+    parser.add_argument("--size", type=int, default=96, help="input side")
+    parser.add_argument("--samples", type=int, default=32,
+                        help="calibration / parity batch size")
+    parser.add_argument("--headless", action="store_true",
+                        help="include_top=False, pooling='avg'")
+    parser.add_argument("--list", action="store_true", help="list the names")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(MODELS))
+        return 0
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; see --list")
+    print(HEADER, flush=True)
+    for name in args.models or list(MODELS):
+        keras.backend.clear_session()
+        try:
+            print(row(measure(name, args.size, not args.headless, args.samples)),
+                  flush=True)
+        except Exception as error:  # one failing model must not end the run
+            print(f"| {name} | | | error: {type(error).__name__}: "
+                  f"{str(error).splitlines()[0][:150]} | | | | | | | |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Swish (SiLU) as the two int8 TFLite ops it exports to, quantized."""
+
+import keras
+from keras import ops
+
+from qat_plugin.layers.base import QuantizedLayer
+from qat_plugin.quantizers import FIXED_RANGES
+
+# Activations the converter lowers to LOGISTIC then MUL.
+GATED_ACTIVATIONS = ("silu", "swish")
+
+
+@keras.saving.register_keras_serializable(package="qat_plugin")
+class QuantizedSwish(QuantizedLayer):
+    """`x * sigmoid(x)` with the gate and the product quantized.
+
+    The converter exports swish as LOGISTIC, whose int8 output has the
+    fixed range of the int8 kernel (scale 1/256, zero point -128), then MUL
+    with an output scale of its own: two int8 tensors, two fake-quants. (The
+    activations that are one int8 op, HARD_SWISH, GELU, LOGISTIC, TANH,
+    SOFTMAX, are a `QuantizeOutputWrapper` around the activation layer.)
+
+    The input is already int8 (its producer quantized it).
+
+    Args:
+        layer: the layer computing swish (an `Activation`, or a recorded
+            `keras.ops.silu` call); kept for its name and config, the
+            product is computed here to quantize the gate.
+        num_bits: activation bit width.
+        ema_decay: decay of the range observer.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = QuantizedSwish(keras.layers.Activation("silu"))
+    >>> y = layer(np.linspace(-4, 4, 9, dtype="float32")[None], training=True)
+    >>> tuple(y.shape)
+    (1, 9)
+    """
+
+    _sublayer_keys = ("layer",)
+
+    def __init__(self, layer, num_bits=8, ema_decay=0.99, **kwargs):
+        kwargs.setdefault("name", layer.name)
+        super().__init__(num_bits=num_bits, ema_decay=ema_decay, **kwargs)
+        self.layer = layer
+        self.gate_quantizer = self._activation_quantizer(
+            "gate", FIXED_RANGES["sigmoid"]
+        )
+        self.output_quantizer = self._activation_quantizer("output")
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self._build_schedule()
+        for quantizer in self.activation_quantizers():
+            quantizer.build(self)
+
+    def activation_quantizers(self):
+        return [self.gate_quantizer, self.output_quantizer]
+
+    def call(self, inputs, training=False):
+        quantize, _, ranges_frozen = self._phase(training)
+        gate = self._quantize_activation(
+            self.gate_quantizer, ops.sigmoid(inputs), quantize, ranges_frozen,
+            training,
+        )
+        outputs = self._quantize_activation(
+            self.output_quantizer, inputs * gate, quantize, ranges_frozen,
+            training,
+        )
+        self._advance(training)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape

@@ -1,0 +1,202 @@
+"""Each layer kind keras.applications needs, in a small model, exported.
+
+Every case runs quantize_model, calibrate and export_tflite, then checks
+the .tflite in the LiteRT interpreter: fully int8, no more ops than the
+converter's own full-int8 PTQ of the float model, and parity with the Keras
+QAT model (top-1 agreement >= 99%, outputs within 2 quantization steps).
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers as L
+from keras.src.applications.convnext import LayerScale
+from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+import qat_plugin
+from tests.conftest import assert_parity
+
+SHAPE = (12, 12, 3)
+
+
+def _head(x):
+    return L.Dense(5)(L.GlobalAveragePooling2D()(x))
+
+
+def _conv(x, filters=8, kernel=3, **kwargs):
+    return L.Conv2D(filters, kernel, padding="same", **kwargs)(x)
+
+
+def _activation_layers(x):
+    x = _conv(x)
+    for name in ("swish", "hard_silu", "gelu", "sigmoid", "tanh"):
+        x = _conv(L.Activation(name)(x), kernel=1)
+    return L.Softmax()(_head(x))
+
+
+def _activation_arguments(x):
+    x = _conv(x, activation="silu")
+    x = _conv(x, kernel=1, activation="hard_swish")
+    x = _conv(x, kernel=1, activation="gelu")
+    x = L.Dense(6, activation="tanh")(L.GlobalAveragePooling2D()(x))
+    return L.Dense(5, activation="sigmoid")(x)
+
+
+def _ops_hard_sigmoid(x):
+    # MobileNetV3's squeeze-excite gate, recorded as keras.ops nodes.
+    x = _conv(x)
+    gate = L.ReLU(6.0)(_conv(x, kernel=1) + 3.0) * (1.0 / 6.0)
+    return _head(L.Multiply()([x, gate]))
+
+
+def _ops_activations(x):
+    x = keras.ops.silu(_conv(x))
+    x = keras.ops.sigmoid(_conv(x, kernel=1))
+    x = keras.ops.tanh(_conv(x, kernel=1))
+    return _head(keras.ops.relu(_conv(x, kernel=1)))
+
+
+def _squeeze_excite(x):
+    x = _conv(x, activation="relu")
+    se = L.GlobalAveragePooling2D(keepdims=True)(x)
+    se = L.Conv2D(4, 1, activation="relu")(se)
+    se = L.Conv2D(8, 1, activation="sigmoid")(se)
+    return _head(L.Multiply()([x, se]))
+
+
+def _preprocessing(x):
+    x = L.Rescaling(1.0 / 255)(x)
+    x = L.Normalization(mean=[0.4, 0.5, 0.6], variance=[0.05, 0.06, 0.07])(x)
+    return _head(_conv(L.ZeroPadding2D()(x)))
+
+
+def _rescaling_offset(x):
+    return _head(_conv(L.Rescaling(1.0 / 127.5, offset=-1.0)(x)))
+
+
+def _reshaping(x):
+    x = _conv(x, activation="relu")
+    x = L.UpSampling2D()(L.Cropping2D(((1, 0), (1, 0)))(x))
+    x = L.Permute((2, 1, 3))(x)
+    return _head(L.UpSampling2D(interpolation="bilinear")(x))
+
+
+def _elementwise(x):
+    # MAXIMUM / MINIMUM keep one scale for inputs and output: their
+    # producers feed nothing else, so they adopt the output's range.
+    x = _conv(x)
+    c = L.Maximum()([_conv(x, kernel=1), _conv(x, kernel=1)])
+    d = L.Subtract()([c, _conv(c, kernel=1)])
+    e = L.Minimum()([_conv(d, kernel=1), _conv(d, kernel=1)])
+    return _head(e)
+
+
+def _layer_scale(x):
+    a = _conv(x)
+    b = LayerScale(0.5, 8)(_conv(a, kernel=1))
+    return _head(keras.ops.add(a, b))
+
+
+def _custom_scale(x):
+    a = _conv(x, activation="relu")
+    b = _conv(a, kernel=1)
+    return _head(L.Activation("relu")(CustomScaleLayer(0.2)([a, b])))
+
+
+def _dense_block(x):
+    # DenseNet: each concatenation feeds the next one and a pre-activation
+    # BatchNormalization; the block shares one scale, no requantize.
+    x = _conv(x, activation="relu")
+    for _ in range(3):
+        branch = L.ReLU()(L.BatchNormalization()(x))
+        x = L.Concatenate()([x, _conv(branch, filters=4)])
+    return _head(L.ReLU()(L.BatchNormalization()(x)))
+
+
+CASES = {
+    "dense_block": _dense_block,
+    "activation_layers": _activation_layers,
+    "activation_arguments": _activation_arguments,
+    "ops_hard_sigmoid": _ops_hard_sigmoid,
+    "ops_activations": _ops_activations,
+    "squeeze_excite": _squeeze_excite,
+    "preprocessing": _preprocessing,
+    "rescaling_offset": _rescaling_offset,
+    "reshaping": _reshaping,
+    "elementwise": _elementwise,
+    "layer_scale": _layer_scale,
+    "custom_scale": _custom_scale,
+}
+
+
+def _pixels(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 255, (n,) + SHAPE).astype("float32")
+
+
+def _model(case):
+    inputs = keras.Input(SHAPE)
+    return keras.Model(inputs, CASES[case](inputs), name=case)
+
+
+def _export(case):
+    model = _model(case)
+    x = _pixels()
+    if not any(isinstance(l, (L.Rescaling, L.Normalization)) for l in model.layers):
+        x = x / 127.5 - 1.0
+    qat = qat_plugin.quantize_model(model)
+    assert qat_plugin.calibrate(qat, x, batch_size=16) == 3
+    data = qat_plugin.export_tflite(qat)
+    return model, qat, x, data
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_kind_exports_fully_int8_with_parity(case):
+    model, qat, x, data = _export(case)
+    report = qat_plugin.inspect_tflite(data)
+    assert report.is_fully_int8, [op.name for op in report.float_ops]
+    ptq = qat_plugin.inspect_tflite(
+        qat_plugin.export_tflite(model, representative_data=x)
+    )
+    assert len(report.ops) <= len(ptq.ops), (report.op_counts, ptq.op_counts)
+    assert_parity(qat, data, x)
+
+
+@pytest.mark.parametrize("case", ["ops_hard_sigmoid", "layer_scale", "custom_scale"])
+def test_folded_constants_keep_the_float_function(case):
+    # Scales and shifts folded into the Conv/Dense before them: before
+    # quantization starts the QAT model computes the float model's function.
+    model = _model(case)
+    x = _pixels(16) / 127.5 - 1.0
+    qat = qat_plugin.quantize_model(model)
+    for layer in qat.layers:
+        if isinstance(layer, qat_plugin.QuantizedLayer):
+            layer.set_qat_schedule([2**31 - 1, 2**31 - 1, 2**31 - 1])
+    np.testing.assert_allclose(
+        qat.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_new_layer_kinds_round_trip_through_keras_file(tmp_path):
+    # OperationLayer, QuantizedSwish, QuantizedAffine and the folds.
+    inputs = keras.Input(SHAPE)
+    x = L.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    x = _conv(x, activation="swish")
+    gate = L.ReLU(6.0)(_conv(x, kernel=1) + 3.0) * (1.0 / 6.0)
+    x = L.Multiply()([x, gate])
+    x = L.Activation("hard_silu")(x)
+    model = keras.Model(inputs, _head(keras.ops.tanh(x)))
+    qat = qat_plugin.quantize_model(model)
+    names = {type(layer).__name__ for layer in qat.layers}
+    wrapped = {type(getattr(layer, "layer", None)).__name__ for layer in qat.layers}
+    assert {"QuantizedSwish", "QuantizedAffine"} <= names
+    assert "OperationLayer" in wrapped
+    x = _pixels(16)
+    qat_plugin.calibrate(qat, x)
+    path = tmp_path / "coverage.keras"
+    qat.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        restored.predict(x, verbose=0), qat.predict(x, verbose=0), atol=1e-6
+    )
