@@ -41,6 +41,15 @@ class LinearOp:
         """Computes the op without bias and activation."""
         raise NotImplementedError
 
+    def add_channel_vector(self, layer, x, vector):
+        """Adds a per-output-channel vector (a bias) to the op's result."""
+        axis = self.channel_axis(layer)
+        if axis == -1 or axis == len(x.shape) - 1:
+            return x + vector
+        shape = [1] * len(x.shape)
+        shape[axis] = -1
+        return x + ops.reshape(vector, shape)
+
 
 class DenseOp(LinearOp):
     def channel_axis(self, layer):
