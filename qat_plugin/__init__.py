@@ -9,39 +9,83 @@ The public API:
 - `inspect_tflite(bytes_or_path)`: ops, tensor types, quantization, and
   the ops still computing in float.
 - `TFLiteModel`: runs a .tflite in the LiteRT interpreter like `predict`.
-- `register_layer(cls, policy)`: declare how a custom layer quantizes.
+- `compare(float_model, qat_model, eval_data=..., representative_data=...)`:
+  QAT against the PTQ baselines in LiteRT (accuracy, agreement, size,
+  latency) as a Markdown/JSON/PNG report; `layerwise_error(...)` shows
+  which layer loses the accuracy.
+- `register_layer(cls, policy)`: declare how a custom layer quantizes
+  (a policy name or a `LayerQuantization`).
+- `calibrate(model, data, steps)`: set activation ranges from sample data
+  without training.
+- `prune_model(model, sparsity, structure=..., schedule=...)`: magnitude or
+  N:M (2:4) pruning with `ConstantSparsity` / `PolynomialDecay` schedules,
+  kept through `quantize_model` into the int8 export; `strip_pruning`
+  gives back plain layers with the zeros.
+- `recipes.get(name)` / `recipes.load(path)`: a `Recipe` (quantization,
+  schedule, pruning, export target) from a TOML file; `recipe.prune`,
+  `recipe.quantize`, `recipe.callbacks` and `recipe.export_tflite` drive it.
+- `check_target(tflite, "cpu" | "gpu" | "mcu")`: whether a .tflite meets a
+  deployment target (`inspect_tflite(..., targets=...)` reports it too);
+  `arena_plan` gives a microcontroller's activation memory.
 """
 
+from qat_plugin.calibration import calibrate
+from qat_plugin.compare import CandidateResult, ComparisonReport, compare
 from qat_plugin.export import ExportError, export_tflite, is_quantized
 from qat_plugin.graph import UnsupportedModelError
 from qat_plugin.inspect import TFLiteReport, inspect_tflite
 from qat_plugin.interpreter import TFLiteModel
 from qat_plugin.layers import (
     FakeQuant,
+    LayerQuantization,
     QuantizedBatchNormalization,
     QuantizedLayer,
     QuantizedLinear,
     QuantizeOutputWrapper,
 )
+from qat_plugin.layers.pruned import PrunedLayer
+from qat_plugin.layerwise import LayerwiseReport, layerwise_error
+from qat_plugin.pruning import prune_model, strip_pruning
+from qat_plugin.recipes import Recipe, RecipeError
 from qat_plugin.registry import register_layer
+from qat_plugin.sparsity import ConstantSparsity, PolynomialDecay
+from qat_plugin.targets import ArenaPlan, TargetCheck, arena_plan, check_target
 from qat_plugin.transform import UnsupportedLayerError, quantize_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArenaPlan",
+    "CandidateResult",
+    "ComparisonReport",
+    "ConstantSparsity",
     "ExportError",
     "FakeQuant",
+    "LayerQuantization",
+    "LayerwiseReport",
+    "PolynomialDecay",
+    "PrunedLayer",
     "QuantizeOutputWrapper",
     "QuantizedBatchNormalization",
     "QuantizedLayer",
     "QuantizedLinear",
+    "Recipe",
+    "RecipeError",
     "TFLiteModel",
     "TFLiteReport",
+    "TargetCheck",
     "UnsupportedLayerError",
     "UnsupportedModelError",
+    "arena_plan",
+    "calibrate",
+    "check_target",
+    "compare",
     "export_tflite",
     "inspect_tflite",
     "is_quantized",
+    "layerwise_error",
+    "prune_model",
     "quantize_model",
     "register_layer",
+    "strip_pruning",
 ]

@@ -1,14 +1,21 @@
 """`export_tflite`: Keras 3 model to .tflite, QAT int8 or a PTQ baseline."""
 
 
+import re
+import warnings
+
 import keras
 import numpy as np
 from keras import tree
 
+from qat_plugin.batches import calibration_samples, model_call_inputs
 from qat_plugin.files import write_bytes_atomic
 from qat_plugin.layers.base import QuantizedLayer, export_mode
+from qat_plugin.targets import TARGETS, check_target
 
 MODES = ("float", "dynamic", "float16", "int8", "int16x8")
+# The PTQ modes whose activation ranges come from calibration data.
+CALIBRATED_MODES = ("int8", "int16x8")
 
 
 class ExportError(RuntimeError):
@@ -32,6 +39,9 @@ def export_tflite(
     representative_data=None,
     mode=None,
     calibration_steps=200,
+    sparse_weights=False,
+    target=None,
+    allow_select_tf_ops=False,
 ):
     """Converts `model` to a .tflite flatbuffer and returns its bytes.
 
@@ -42,7 +52,8 @@ def export_tflite(
     per-channel int8 grid, so the int8 weights equal the ones trained.
 
     A float model exports as a post-training quantization (PTQ) baseline by
-    `mode`: `"float"`, `"dynamic"` (int8 weights, float activations),
+    `mode`: `"float"`, `"dynamic"` (int8 weights, float activations; the
+    converter leaves weights of fewer than 1024 elements in float),
     `"float16"`, `"int8"` (full integer, calibrated on
     `representative_data`, int8 input and output) or `"int16x8"`.
 
@@ -54,11 +65,38 @@ def export_tflite(
         model: a Keras 3 model (TensorFlow backend).
         path: where to write the .tflite; written atomically.
         representative_data: calibration inputs for `"int8"`/`"int16x8"`:
-            a NumPy array (or a list of arrays, one per input) whose first
-            axis is the sample axis.
+            a NumPy array whose first axis is the sample axis (a list of
+            arrays or a dict keyed by input name for several inputs), or a
+            `tf.data.Dataset`, `keras.utils.PyDataset` or generator of
+            batches (`(x, y)` tuples are fine: targets are ignored). Batches
+            are split into single samples; each is checked against the
+            input's shape and dtype, and for NaN/inf, before conversion.
         mode: for float models, one of `MODES` (default `"int8"` when
             `representative_data` is given, else `"float"`).
-        calibration_steps: samples used for calibration.
+        calibration_steps: the number of samples used for calibration;
+            reading stops there, so an endless generator is fine.
+        sparse_weights: for a pruned QAT model, store its weights in the
+            converter's sparse format (`tf.lite.Optimize.EXPERIMENTAL_SPARSITY`).
+            Measured (benchmarks/bench_pruning.py): the raw file shrinks only
+            at high unstructured sparsity (>= ~75%; 2:4 gets bigger), the
+            gzip size never shrinks, and the default XNNPACK delegate
+            refuses the sparse FULLY_CONNECTED: run the file with
+            `TFLiteModel(data, use_xnnpack=False)`. The encoded weights are
+            checked against the plain export; where the converter changed
+            them (FULLY_CONNECTED inputs not a multiple of 16) an
+            `ExportError` says so. Zeros are kept without this option.
+        target: a deployment target, `"cpu"`, `"gpu"` or `"mcu"` (see
+            `qat_plugin.targets`): the converted model is checked against it
+            and an `ExportError` lists the offending ops when it falls short.
+            Nothing is written then.
+        allow_select_tf_ops: let ops with no TFLite builtin (in a float
+            island kept by `quantize_model(..., skip=...)`, or a float
+            model) convert as Select TF ("Flex") ops. Without it such a
+            model fails with an `ExportError` naming the ops. With it, a
+            `UserWarning` names the Flex ops and their cost: the runtime
+            needs the Flex delegate, which links TensorFlow's kernels
+            (several MB per ABI, against ~1 MB for the builtin runtime),
+            and the model file grows by the serialized TF node definitions.
 
     Returns:
         The .tflite model as bytes.
@@ -74,11 +112,25 @@ def export_tflite(
     True
     """
     if keras.backend.backend() != "tensorflow":
-        raise ExportError(
-            "export_tflite traces the model with TensorFlow, but the Keras "
-            f"backend is '{keras.backend.backend()}'. Save the model "
-            "(`model.save('m.keras')`) and export it from a process started "
-            "with KERAS_BACKEND=tensorflow."
+        # The converter needs TensorFlow graphs: rebuild the model there.
+        from qat_plugin.backend import export_on_tensorflow
+
+        return export_on_tensorflow(
+            model,
+            path,
+            representative_data=representative_data,
+            mode=mode,
+            calibration_steps=calibration_steps,
+            sparse_weights=sparse_weights,
+            target=target,
+            allow_select_tf_ops=allow_select_tf_ops,
+        )
+    if target is not None and target not in TARGETS:
+        raise ValueError(f"target must be None or one of {TARGETS}, got {target!r}.")
+    if sparse_weights and not is_quantized(model):
+        raise ValueError(
+            "sparse_weights=True applies to QAT models (from quantize_model); "
+            f"model '{model.name}' is a float model."
         )
     if is_quantized(model):
         if mode not in (None, "int8", "int16x8"):
@@ -87,13 +139,26 @@ def export_tflite(
                 f"int16x8 from a 16-bit recipe), not mode={mode!r}. Export "
                 "the float model for PTQ baselines."
             )
-        data = _convert_qat(model)
+        data = _convert_qat(model, allow_select_tf_ops=allow_select_tf_ops)
+        if sparse_weights:
+            data = _sparse_encoded(model, data, allow_select_tf_ops)
     else:
         if mode is None:
             mode = "float" if representative_data is None else "int8"
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        data = _convert_float(model, mode, representative_data, calibration_steps)
+        data = _convert_float(
+            model, mode, representative_data, calibration_steps, allow_select_tf_ops
+        )
+    if allow_select_tf_ops:
+        _warn_select_tf_ops(model, data)
+    if target is not None:
+        check = check_target(data, target, allow_select_tf_ops=allow_select_tf_ops)
+        if not check.compatible:
+            offending = "\n".join(f"  - {op}: {why}" for op, why in check.offending)
+            raise ExportError(
+                f"Model '{model.name}' does not meet target '{target}':\n"
+                f"{offending}\nChoose another target, keep those layers out "
+                "of the model, or (for a float island) quantize them."
+            )
     if path is not None:
         write_bytes_atomic(path, data)
     return data
@@ -114,8 +179,7 @@ def _frozen_function(model):
 
     @tf.function
     def serve(*args):
-        inputs = tree.pack_sequence_as(model._inputs_struct, list(args))
-        return tree.flatten(model(inputs, training=False))
+        return tree.flatten(model(model_call_inputs(model, args), training=False))
 
     concrete = serve.get_concrete_function(*specs)
     return convert_variables_to_constants_v2(concrete)
@@ -136,7 +200,85 @@ def _check_observed(model):
         )
 
 
-def _convert_qat(model):
+def _sparse_encoded(model, dense, allow_select_tf_ops=False):
+    """Converts `model` again with sparse weights; checks they did not change.
+
+    Measured: for a FULLY_CONNECTED weight whose input size is not a
+    multiple of the converter's 1x16 block, the sparse encoding keeps only
+    part of the weights; such a file is refused, not returned.
+    """
+    from qat_plugin.inspect import inspect_tflite
+
+    sparse = _convert_qat(
+        model, sparse_weights=True, allow_select_tf_ops=allow_select_tf_ops
+    )
+    for expected, got in zip(
+        inspect_tflite(dense).weights, inspect_tflite(sparse).weights
+    ):
+        if not np.array_equal(expected.values, got.values):
+            raise ExportError(
+                "The converter's sparse encoding (sparse_weights=True) "
+                f"changed the int8 values of weight tensor "
+                f"'{expected.tensor.name}' ({expected.op}, shape "
+                f"{list(expected.tensor.shape)}); export with "
+                "sparse_weights=False, which keeps every zero."
+            )
+    return sparse
+
+
+def _select_tf_ops_error(model, error):
+    """An `ExportError` for ops with no TFLite builtin, or None for another error."""
+    text = str(error)
+    if "Select TF" not in text and "flex" not in text.lower():
+        return None
+    listed = re.search(r"TF Select ops: ([^\n]+)", text)
+    ops = listed.group(1).split(", ") if listed else sorted(
+        set(re.findall(r"'tf\.([A-Za-z0-9_]+)' op is neither", text))
+    )
+    return ExportError(
+        f"Model '{model.name}' has ops with no TFLite builtin kernel: "
+        f"{', '.join(ops) or 'see the converter message below'}. They come from "
+        "a float island (a layer kept by skip=) or a float model. Replace them, "
+        "or export with allow_select_tf_ops=True to keep them as Select TF "
+        "(Flex) ops, which needs the Flex delegate at run time.\n"
+        f"Converter message: {text.strip()[:1000]}"
+    )
+
+
+def _converted(converter, model, allow_select_tf_ops):
+    import tensorflow as tf
+
+    if allow_select_tf_ops:
+        converter.target_spec.supported_ops = list(
+            converter.target_spec.supported_ops or [tf.lite.OpsSet.TFLITE_BUILTINS]
+        ) + [tf.lite.OpsSet.SELECT_TF_OPS]
+    try:
+        return converter.convert()
+    except Exception as error:  # The converter raises its own ConverterError.
+        friendly = _select_tf_ops_error(model, error)
+        if friendly is None:
+            raise
+        raise friendly from None
+
+
+def _warn_select_tf_ops(model, data):
+    from qat_plugin.targets import arena_plan, flex_ops
+
+    ops = flex_ops(data)
+    if ops:
+        warnings.warn(
+            f"Model '{model.name}' exports with Select TF ops {', '.join(ops)}: "
+            f"the file is {len(data)} bytes ({arena_plan(data).weight_bytes} of "
+            "them weights; each Flex op also stores its serialized TF node "
+            "definition), and the runtime needs the Flex delegate, which "
+            "links TensorFlow's kernels: several MB per ABI on Android/iOS "
+            "against ~1 MB for the builtin-only runtime. TensorFlow Lite Micro "
+            "and the GPU delegate cannot run these ops.",
+            stacklevel=3,
+        )
+
+
+def _convert_qat(model, sparse_weights=False, allow_select_tf_ops=False):
     import tensorflow as tf
 
     _check_observed(model)
@@ -146,6 +288,8 @@ def _convert_qat(model):
         function = _frozen_function(model)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if sparse_weights:
+        converter.optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
     # The fake-quant ops carry every range, so the default op set (which
     # also admits the float islands kept by `skip=`) converts without a
     # representative dataset; inspect_tflite tells whether it is all int8.
@@ -158,28 +302,157 @@ def _convert_qat(model):
     if all("float" in str(t.dtype) for t in model.inputs):
         converter.inference_input_type = io_type
     converter.inference_output_type = io_type
-    return converter.convert()
+    data = _converted(converter, model, allow_select_tf_ops)
+    per_tensor = not all(layer.per_channel for layer in quantized_layers(model)
+                         if hasattr(layer, "per_channel"))
+    if per_tensor or io_type == tf.int16:
+        data = retouched_weights(data, per_tensor=per_tensor,
+                                 int64_bias=io_type == tf.int16)
+    return data
 
 
-def _convert_float(model, mode, representative_data, calibration_steps):
+def retouched_weights(data, *, per_tensor=False, int64_bias=False):
+    """Fixes what the converter's QAT path gets wrong in weights and biases.
+
+    - `per_tensor`: the kernels of a per-tensor recipe export as constants
+      snapped to one int8 grid per tensor, but the converter requantizes
+      every CONV_2D / DEPTHWISE_CONV_2D weight per channel and has no switch
+      against it (`_experimental_disable_per_channel` is not passed on in
+      the QAT path). The weights go back on the single grid
+      `s = max|w| / 127`: every per-channel scale is at most `s`, so
+      `round(q_c * s_c / s)` recovers the trained integers exactly; the
+      bias (scale `input_scale * weight_scale`) is rescaled to match.
+    - `int64_bias`: TFLite's 16x8 kernels take int64 biases; the QAT path
+      writes int32 ones, which DEPTHWISE_CONV_2D refuses and CONV_2D reads
+      wrong (measured: saturated outputs). The values are widened.
+
+    Example:
+
+    >>> import keras, numpy as np, qat_plugin
+    >>> model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 2)])
+    >>> qat = qat_plugin.quantize_model(model, "int8-per-tensor")
+    >>> _ = qat(np.random.rand(8, 4, 4, 2).astype("float32"), training=True)
+    >>> [len(w.tensor.scales) for w in qat_plugin.inspect_tflite(export_tflite(qat)).weights]
+    [1]
+    """
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    weight_ops = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D,
+                  schema.BuiltinOperator.FULLY_CONNECTED,
+                  schema.BuiltinOperator.TRANSPOSE_CONV}
+    changed = False
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            if max(code.builtinCode, code.deprecatedBuiltinCode) not in weight_ops:
+                continue
+            if int64_bias and _widen_bias(model, graph, op, schema):
+                changed = True
+            weight = graph.tensors[op.inputs[1]]
+            quant = weight.quantization
+            if (not per_tensor or weight.type != schema.TensorType.INT8
+                    or quant is None or len(quant.scale) < 2):
+                continue
+            buffer = model.buffers[weight.buffer]
+            if buffer.data is None:
+                raise ExportError(
+                    f"Cannot rewrite weight '{weight.name.decode()}' per tensor: its "
+                    "data is stored outside the flatbuffer (a model over 2 GB)."
+                )
+            axis = quant.quantizedDimension
+            shape = [1] * len(weight.shape)
+            shape[axis] = -1
+            channel_scales = np.asarray(quant.scale, np.float64)
+            real = np.asarray(buffer.data, np.uint8).view(np.int8).reshape(
+                weight.shape
+            ) * channel_scales.reshape(shape)
+            scale = float(np.max(np.abs(real)) / 127) or 1.0
+            buffer.data = (
+                np.clip(np.round(real / scale), -127, 127).astype(np.int8).view(np.uint8)
+            ).ravel()
+            quant.scale, quant.zeroPoint, quant.quantizedDimension = [scale], [0], 0
+            if len(op.inputs) > 2 and op.inputs[2] >= 0:
+                _rescale_bias(model, graph.tensors[op.inputs[2]], channel_scales, scale)
+            changed = True
+    if not changed:
+        return data
+    builder = flatbuffers.Builder(len(data))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _bias_dtype(bias, schema):
+    return np.int64 if bias.type == schema.TensorType.INT64 else np.int32
+
+
+def _widen_bias(model, graph, op, schema):
+    """Turns the int32 bias of `op` into an int64 one; True when it did."""
+    if len(op.inputs) < 3 or op.inputs[2] < 0:
+        return False
+    bias = graph.tensors[op.inputs[2]]
+    buffer = model.buffers[bias.buffer]
+    if bias.type != schema.TensorType.INT32 or buffer.data is None:
+        return False
+    values = np.asarray(buffer.data, np.uint8).view(np.int32).astype(np.int64)
+    buffer.data = values.view(np.uint8)
+    bias.type = schema.TensorType.INT64
+    return True
+
+
+def _rescale_bias(model, bias, channel_scales, scale):
+    """Puts an integer bias on `input_scale * scale` instead of per-channel scales."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    quant = bias.quantization
+    buffer = model.buffers[bias.buffer]
+    if quant is None or buffer.data is None or len(quant.scale) < 2:
+        return
+    dtype = _bias_dtype(bias, schema)
+    input_scale = np.asarray(quant.scale, np.float64) / channel_scales
+    real = np.asarray(buffer.data, np.uint8).view(dtype) * np.asarray(quant.scale)
+    new_scale = float(input_scale[0] * scale)
+    buffer.data = np.round(real / new_scale).astype(dtype).view(np.uint8)
+    quant.scale, quant.zeroPoint, quant.quantizedDimension = (
+        [new_scale], [0], 0
+    )
+
+
+def _convert_float(model, mode, representative_data, calibration_steps,
+                   allow_select_tf_ops=False):
+    converter = float_converter(model, mode, representative_data, calibration_steps)
+    return _converted(converter, model, allow_select_tf_ops)
+
+
+def float_converter(model, mode, representative_data=None, calibration_steps=200,
+                    integer_io=True):
+    """Returns the `TFLiteConverter` set up for a PTQ `mode` of a float model.
+
+    The calibration data is read and checked before the model is traced, so
+    bad data fails fast and clearly. `integer_io=False` keeps float input and
+    output in the integer modes (as `QuantizationDebugger` needs).
+    """
     import tensorflow as tf
 
-    function = _frozen_function(model)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    samples = None
+    if mode in CALIBRATED_MODES:
+        if representative_data is None:
+            raise ValueError(
+                f"mode={mode!r} calibrates activation ranges: pass "
+                "representative_data (samples of the model's inputs)."
+            )
+        samples = calibration_samples(model, representative_data, calibration_steps)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([_frozen_function(model)])
     if mode == "float":
-        return converter.convert()
+        return converter
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
-        return converter.convert()
-    if mode == "dynamic":
-        return converter.convert()
-    if representative_data is None:
-        raise ValueError(
-            f"mode={mode!r} calibrates activation ranges: pass "
-            "representative_data (samples of the model's inputs)."
-        )
-    samples = _calibration_samples(model, representative_data, calibration_steps)
+    if mode not in CALIBRATED_MODES:
+        return converter
     converter.representative_dataset = lambda: iter(samples)
     if mode == "int8":
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -189,29 +462,8 @@ def _convert_float(model, mode, representative_data, calibration_steps):
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
         ]
         io_type = tf.int16
-    converter.inference_input_type = io_type
-    converter.inference_output_type = io_type
-    return converter.convert()
-
-
-def _calibration_samples(model, data, steps):
-    """Splits calibration data into single-sample lists, one array per input."""
-    arrays = list(data) if isinstance(data, (list, tuple)) else [data]
-    if len(arrays) != len(model.inputs):
-        raise ValueError(
-            f"representative_data has {len(arrays)} arrays but model "
-            f"'{model.name}' has {len(model.inputs)} inputs."
-        )
-    arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
-    for array, tensor in zip(arrays, model.inputs):
-        if tuple(array.shape[1:]) != tuple(tensor.shape[1:]):
-            raise ValueError(
-                f"representative_data samples have shape {array.shape[1:]}, "
-                f"model input '{tensor.name}' expects {tuple(tensor.shape[1:])}."
-            )
-        if len(array) == 0:
-            raise ValueError("representative_data is empty.")
-        if not np.all(np.isfinite(array)):
-            raise ValueError("representative_data contains NaN or inf values.")
-    count = min(len(arrays[0]), steps)
-    return [[a[i : i + 1] for a in arrays] for i in range(count)]
+    if integer_io:
+        if all("float" in str(t.dtype) for t in model.inputs):
+            converter.inference_input_type = io_type
+        converter.inference_output_type = io_type
+    return converter

@@ -2,13 +2,25 @@
 
 import collections
 import dataclasses
+import gzip
 
 import numpy as np
 
 from qat_plugin.interpreter import load_model_bytes, make_interpreter
+from qat_plugin.sparsity import holds_n_of_m
+from qat_plugin.targets import TARGETS, check_target
 
 # Ops that only convert between float and integer tensors.
 CONVERSION_OPS = ("QUANTIZE", "DEQUANTIZE")
+
+# Ops whose input 1 is a weight tensor (input channels on its last axis).
+WEIGHT_OPS = (
+    "CONV_2D",
+    "CONV_3D",
+    "DEPTHWISE_CONV_2D",
+    "FULLY_CONNECTED",
+    "TRANSPOSE_CONV",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +62,32 @@ class OpInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightInfo:
+    """One weight tensor of a CONV/FULLY_CONNECTED op and its sparsity.
+
+    Attributes:
+        tensor: the weight tensor.
+        op: the name of the op it feeds.
+        zero_fraction: the fraction of its stored values that are zero
+            (int8 zeros in an int8 model).
+        is_2_4: every 4 consecutive values along the last (input-channel)
+            axis hold at least 2 zeros: the 2:4 pattern.
+        sparse_encoded: stored in the converter's sparse format (expanded
+            by a DENSIFY op or read sparse by the op itself;
+            `export_tflite(..., sparse_weights=True)`).
+        values: the stored values as a dense NumPy array (decoded when
+            sparse-encoded).
+    """
+
+    tensor: TensorInfo
+    op: str
+    zero_fraction: float
+    is_2_4: bool
+    sparse_encoded: bool
+    values: np.ndarray = dataclasses.field(default=None, compare=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class TFLiteReport:
     """What `inspect_tflite` found.
 
@@ -57,12 +95,39 @@ class TFLiteReport:
         ops: every op, in execution order.
         inputs, outputs: the model's input and output tensors.
         size_bytes: the flatbuffer's size.
+        gzip_size_bytes: its size after gzip (level 9): what zeros buy in
+            a compressed download.
+        weights: a `WeightInfo` per weight tensor, in op order.
+        targets: a `qat_plugin.targets.TargetCheck` per deployment target
+            asked for with `inspect_tflite(..., targets=...)`.
     """
 
     ops: tuple
     inputs: tuple
     outputs: tuple
     size_bytes: int
+    gzip_size_bytes: int = 0
+    weights: tuple = ()
+    targets: tuple = ()
+
+    def target(self, name):
+        """The `TargetCheck` of target `name` (asked for in `inspect_tflite`)."""
+        for check in self.targets:
+            if check.target == name:
+                return check
+        raise KeyError(
+            f"Target '{name}' was not checked; pass targets=('{name}',) to "
+            f"inspect_tflite (checked: {[c.target for c in self.targets]})."
+        )
+
+    @property
+    def weight_sparsity(self):
+        """The fraction of zeros over all weight tensors' values."""
+        sizes = [int(np.prod(w.tensor.shape)) for w in self.weights]
+        if not sum(sizes):
+            return 0.0
+        zeros = sum(w.zero_fraction * n for w, n in zip(self.weights, sizes))
+        return zeros / sum(sizes)
 
     @property
     def op_counts(self):
@@ -95,7 +160,8 @@ class TFLiteReport:
     def summary(self):
         """A human-readable table of the ops and their tensor types."""
         lines = [
-            f"{len(self.ops)} ops, {self.size_bytes} bytes, "
+            f"{len(self.ops)} ops, {self.size_bytes} bytes "
+            f"({self.gzip_size_bytes} gzipped), "
             f"fully int8: {'yes' if self.is_fully_int8 else 'no'}"
         ]
         for t in self.inputs:
@@ -110,6 +176,14 @@ class TFLiteReport:
         if self.float_ops:
             names = ", ".join(f"{op.name}#{op.index}" for op in self.float_ops)
             lines.append(f"float ops: {names}")
+        for w in self.weights:
+            lines.append(
+                f"  weight {w.tensor.name} ({w.op}, {w.tensor.dtype}"
+                f"{list(w.tensor.shape)}): {w.zero_fraction:.1%} zeros"
+                + (", 2:4" if w.is_2_4 else "")
+                + (", sparse-encoded" if w.sparse_encoded else "")
+            )
+        lines.extend(check.summary() for check in self.targets)
         return "\n".join(lines)
 
     def __str__(self):
@@ -137,11 +211,16 @@ def _tensor_info(detail):
     )
 
 
-def inspect_tflite(model):
+def inspect_tflite(model, targets=()):
     """Reports a .tflite model's ops, tensor types and quantization.
 
     Args:
         model: .tflite bytes or a path to a .tflite file.
+        targets: deployment targets to check, among `"cpu"`, `"gpu"` and
+            `"mcu"` (or `"all"`): `report.target(name)` then says whether
+            the model meets each, which ops stand in the way, which ops
+            XNNPACK leaves to TFLite's kernels (cpu) and the tensor arena a
+            microcontroller needs (mcu). See `qat_plugin.targets`.
 
     Returns:
         A `TFLiteReport`; `str(report)` is a readable table, and
@@ -156,6 +235,9 @@ def inspect_tflite(model):
     ({'FULLY_CONNECTED': 1}, ['FULLY_CONNECTED'])
     """
     data = load_model_bytes(model)
+    if isinstance(targets, str):
+        targets = TARGETS if targets == "all" else (targets,)
+    checks = tuple(check_target(data, target) for target in targets)
     interpreter = make_interpreter(data, use_xnnpack=False)
     tensors = {d["index"]: _tensor_info(d) for d in interpreter.get_tensor_details()}
     ops = tuple(
@@ -172,4 +254,104 @@ def inspect_tflite(model):
         inputs=tuple(tensors[d["index"]] for d in interpreter.get_input_details()),
         outputs=tuple(tensors[d["index"]] for d in interpreter.get_output_details()),
         size_bytes=len(data),
+        gzip_size_bytes=len(gzip.compress(data, compresslevel=9)),
+        weights=_weights(data, ops),
+        targets=checks,
     )
+
+
+def _weights(data, ops):
+    """A `WeightInfo` per weight tensor, read from a fresh interpreter."""
+    densified = {op.outputs[0].index for op in ops if op.name == "DENSIFY"}
+    weight_ops = [
+        op for op in ops
+        if op.name in WEIGHT_OPS and len(op.inputs) > 1
+    ]
+    if not weight_ops:
+        return ()
+    interpreter = make_interpreter(data, use_xnnpack=False)
+    interpreter.allocate_tensors()
+    if any(op.inputs[1].index in densified for op in weight_ops):
+        # DENSIFY expands a sparse-encoded weight into a persistent tensor
+        # on the first invoke; the inputs' values do not matter.
+        interpreter.invoke()
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    weights = []
+    for op in weight_ops:
+        tensor = op.inputs[1]
+        sparsity = details[tensor.index]["sparsity_parameters"]
+        if sparsity:  # Read sparse by the op itself: decode the flatbuffer.
+            values = _densify(
+                _stored_values(data, tensor.index, tensor.dtype),
+                tensor.shape,
+                sparsity,
+            )
+        else:
+            values = interpreter.get_tensor(tensor.index)
+        weights.append(
+            WeightInfo(
+                tensor=tensor,
+                op=op.name,
+                zero_fraction=float(np.mean(values == 0)) if values.size else 0.0,
+                is_2_4=holds_n_of_m(values, 2, 4, axis=-1),
+                sparse_encoded=tensor.index in densified or bool(sparsity),
+                values=values,
+            )
+        )
+    return tuple(weights)
+
+
+def _stored_values(data, index, dtype):
+    """The values stored in the buffer of tensor `index` of subgraph 0."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    buffer = model.Buffers(model.Subgraphs(0).Tensors(index).Buffer())
+    if buffer.Offset() > 1:  # Large models keep buffers after the flatbuffer.
+        raw = np.frombuffer(data, np.uint8, buffer.Size(), buffer.Offset())
+    else:
+        raw = buffer.DataAsNumpy()
+        raw = np.zeros(0, np.uint8) if isinstance(raw, int) else raw
+    return raw.view(np.dtype(dtype))
+
+
+def _densify(values, shape, sparsity):
+    """Expands a TFLite sparse tensor (CSR levels, optional blocks) to dense.
+
+    Walks the levels in traversal order as TFLite's FormatConverter does;
+    the stored values come in the order of the walk.
+    """
+    order = [int(d) for d in sparsity["traversal_order"]]
+    block_map = [int(d) for d in sparsity["block_map"]]
+    levels = sparsity["dim_metadata"]
+    rank = len(shape)
+    positions = np.zeros(1, np.int64)
+    coords = np.zeros((1, 0), np.int64)
+    for level in levels:
+        if level["format"] == 0:  # dense
+            size = int(level["dense_size"])
+            coords = np.repeat(coords, size, axis=0)
+            index = np.tile(np.arange(size), len(positions))
+            positions = np.repeat(positions, size) * size + index
+        else:  # CSR
+            segments = np.asarray(level["array_segments"], np.int64)
+            counts = segments[positions + 1] - segments[positions]
+            starts = np.repeat(segments[positions], counts)
+            offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            positions = starts + offsets
+            index = np.asarray(level["array_indices"], np.int64)[positions]
+            coords = np.repeat(coords, counts, axis=0)
+        coords = np.concatenate([coords, index[:, None]], axis=1)
+    original = np.zeros((len(positions), rank), np.int64)
+    for level in range(rank):
+        original[:, order[level]] = coords[:, level]
+    for level in range(rank, len(order)):
+        dim = block_map[order[level] - rank]
+        block_size = int(levels[level]["dense_size"])
+        original[:, dim] = original[:, dim] * block_size + coords[:, level]
+    # Blocks may run past the tensor's edge (1x16 blocks of an 8-wide
+    # FULLY_CONNECTED weight): that part is padding.
+    inside = np.all(original < np.asarray(shape), axis=1)
+    dense = np.zeros(shape, values.dtype)
+    dense[tuple(original[inside].T)] = values[: len(positions)][inside]
+    return dense
