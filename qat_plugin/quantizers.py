@@ -119,6 +119,8 @@ FIXED_RANGES = {
     "softmax": (0.0, 255.0 / 256.0),
     "tanh": (-1.0, 127.0 / 128.0),
 }
+# Symmetric 16-bit: scale 2 * (32767/32768) / 65534 = 1/32768, zero point 0.
+FIXED_RANGE_16 = (-32767.0 / 32768.0, 32767.0 / 32768.0)
 
 
 class ActivationQuantizer:
@@ -161,6 +163,10 @@ class ActivationQuantizer:
         self.name = name
         self.num_bits = num_bits
         self.ema_decay = float(ema_decay)
+        if fixed_range is not None and num_bits == 16:
+            # The int16 LOGISTIC, SOFTMAX and TANH kernels output scale
+            # 1/32768, zero point 0, whatever the float range.
+            fixed_range = FIXED_RANGE_16
         self.fixed_range = None if fixed_range is None else tuple(fixed_range)
 
     def build(self, layer):

@@ -193,3 +193,18 @@ def test_qat_model_refuses_ptq_modes():
 def test_inspect_rejects_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="No .tflite file"):
         qat_plugin.inspect_tflite(tmp_path / "nope.tflite")
+
+
+def test_int16x8_export_with_fixed_range_softmax_matches_keras():
+    model = keras.Sequential(
+        [keras.Input((8, 8, 1)), L.Conv2D(4, 3, activation="relu"),
+         L.GlobalAveragePooling2D(), L.Dense(5), L.Softmax()]
+    )
+    x = np.random.default_rng(0).random((64, 8, 8, 1), dtype=np.float32)
+    qat = qat_plugin.quantize_model(model, recipe="int16x8")
+    qat_plugin.calibrate(qat, x)
+    data = qat_plugin.export_tflite(qat)
+    runner = qat_plugin.TFLiteModel(data)
+    assert runner.output_details[0]["dtype"] == np.int16
+    assert runner.output_details[0]["quantization"] == (1 / 32768, 0)
+    assert_parity(qat, data, x)
