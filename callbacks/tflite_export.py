@@ -5,38 +5,13 @@ import os
 import keras
 import numpy as np
 
-from qat_plugin.export import export_tflite, is_quantized
 from qat_plugin.backend import is_primary_process
+from qat_plugin.compare import top1_accuracy
+from qat_plugin.export import export_tflite, is_quantized
 from qat_plugin.files import write_bytes_atomic
 from qat_plugin.interpreter import TFLiteModel
 
 MODES = ("auto", "min", "max")
-
-
-def int8_accuracy(y_true, y_pred):
-    """Classification accuracy of interpreter outputs against labels.
-
-    Labels are class indices, or one-hot rows of the outputs' shape; a
-    single output unit is read as a probability thresholded at 0.5.
-
-    Example:
-
-    >>> import numpy as np
-    >>> int8_accuracy(np.array([0, 1]), np.array([[0.9, 0.1], [0.8, 0.2]]))
-    0.5
-    """
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    if y_pred.shape[-1] == 1:
-        predicted = (y_pred[..., 0] > 0.5).astype("int64")
-        labels = y_true.reshape(predicted.shape)
-    else:
-        predicted = np.argmax(y_pred, axis=-1)
-        if y_true.shape == y_pred.shape:
-            labels = np.argmax(y_true, axis=-1)
-        else:
-            labels = y_true.reshape(predicted.shape)
-    return float(np.mean(predicted == labels))
 
 
 @keras.saving.register_keras_serializable(package="qat_plugin")
@@ -199,7 +174,7 @@ class TFLiteExport(keras.callbacks.Callback):
             return {}
         x, y = self.validation_data
         predictions = TFLiteModel(data).predict(x, batch_size=self.batch_size)
-        self.int8_accuracy = int8_accuracy(y, predictions)
+        self.int8_accuracy = top1_accuracy(y, predictions)
         return {"int8_accuracy": self.int8_accuracy}
 
     def get_config(self):

@@ -248,6 +248,8 @@ def _plot_value(value, metric_name):
 def top1_accuracy(y_true, y_pred):
     """Top-1 accuracy of class scores `y_pred` against labels or one-hot `y_true`.
 
+    A single output unit is read as a probability thresholded at 0.5.
+
     Example:
 
     >>> import numpy as np
@@ -256,11 +258,14 @@ def top1_accuracy(y_true, y_pred):
     """
     y_pred = np.asarray(y_pred)
     y_true = np.asarray(y_true)
-    if y_pred.ndim < 2 or y_pred.shape[-1] < 2:
+    if y_pred.ndim < 2:
         raise ValueError(
-            f"Top-1 accuracy needs class scores (a last axis of 2 or more), got "
+            f"Top-1 accuracy needs class scores (a last axis of classes), got "
             f"predictions of shape {y_pred.shape}; pass metric=... to compare."
         )
+    if y_pred.shape[-1] == 1:  # one probability: binary accuracy at 0.5
+        predicted = (y_pred[..., 0] > 0.5).astype("int64")
+        return float(np.mean(predicted == y_true.reshape(predicted.shape)))
     if y_true.ndim == y_pred.ndim and y_true.shape[-1] == y_pred.shape[-1]:
         y_true = y_true.argmax(-1)
     y_true = y_true.reshape(y_pred.shape[:-1])

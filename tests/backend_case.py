@@ -80,6 +80,23 @@ def set_schedule(qat_model, schedule=SCHEDULE):
             layer.set_qat_schedule(list(schedule))
 
 
+def compiled_qat_model():
+    """The case's QAT model: fixed initial weights, schedule, SGD."""
+    import keras
+
+    import qat_plugin
+
+    model = float_model()
+    model.set_weights(initial_weights(model))
+    qat = qat_plugin.quantize_model(model)
+    set_schedule(qat)
+    qat.compile(
+        optimizer=keras.optimizers.SGD(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return qat
+
+
 def variables_by_path(model):
     return {v.path: np.asarray(v.numpy()) for v in model.weights}
 
@@ -98,14 +115,7 @@ def run_case(out_dir, other_model=None):
     import qat_plugin
 
     os.makedirs(out_dir, exist_ok=True)
-    model = float_model()
-    model.set_weights(initial_weights(model))
-    qat = qat_plugin.quantize_model(model)
-    set_schedule(qat)
-    qat.compile(
-        optimizer=keras.optimizers.SGD(0.05),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    qat = compiled_qat_model()
     x, y = batches()
     losses = []
     for step in range(STEPS):

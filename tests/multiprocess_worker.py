@@ -75,7 +75,7 @@ def main(out_dir, process_id, num_processes, port):
     import keras
 
     import qat_plugin
-    from backend_case import float_model, initial_weights, set_schedule
+    from backend_case import compiled_qat_model
 
     keras.distribution.set_distribution(
         keras.distribution.DataParallel(
@@ -83,14 +83,7 @@ def main(out_dir, process_id, num_processes, port):
         )
     )
     keras.utils.set_random_seed(0)
-    model = float_model()
-    model.set_weights(initial_weights(model))
-    qat = qat_plugin.quantize_model(model)
-    set_schedule(qat)
-    qat.compile(
-        optimizer=keras.optimizers.SGD(0.05),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    qat = compiled_qat_model()
     x, y = global_batches()
     x = process_slice(x, process_id, num_processes)
     y = process_slice(y, process_id, num_processes)
