@@ -10,13 +10,7 @@ while the train function is traced; the engine files are not changed):
 - no_weight_fq: kernels are BN-folded but not fake-quantized;
 - no_act_fq: no FakeQuantWithMinMaxVars on activations (nor its gradient);
 - no_bn_correction: no batch-statistics correction of the folded output
-  (and no moving-statistics update);
-- bn_moments_on_output: the correction computed from the moments of the
-  quantized-kernel output with one per-channel multiply-add (proposed);
-- static_phase: the phase is a Python constant (quantizing, BN and ranges
-  live), so no `ops.where` blends both branches and the `observed` blend is
-  gone (the cost an `ops.cond`/retrace-per-phase design would have);
-- proposed: static_phase + bn_moments_on_output.
+  (and no moving-statistics update).
 
 All variants are traced first, then timed interleaved in rounds so that
 load changes hit all of them alike. With --jit also float and QAT with
@@ -42,7 +36,7 @@ from keras import ops
 import qat_plugin
 from qat_plugin import quantizers
 from qat_plugin.files import write_bytes_atomic
-from qat_plugin.layers import base, linear
+from qat_plugin.layers import linear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -59,73 +53,9 @@ def patched(obj, name, value):
         setattr(obj, name, old)
 
 
-class _StaticWhereOps:
-    """`keras.ops` whose `where` picks a branch when the condition is a Python bool."""
-
-    def __getattr__(self, name):
-        return getattr(ops, name)
-
-    @staticmethod
-    def where(condition, x1=None, x2=None):
-        if condition is True:
-            return x1
-        if condition is False:
-            return x2
-        return ops.where(condition, x1, x2)
-
-    @staticmethod
-    def logical_and(a, b):
-        if a is True and b is True:
-            return True
-        return ops.logical_and(a, b)
-
-
-def _static_phase(self, training):
-    if training and not base.is_calibrating():
-        return True, False, False
-    return True, True, True
-
-
-def _quantize_activation_static(self, quantizer, x, quantize, ranges_frozen, training):
-    # In training the observer has just seen this batch: the range is always
-    # valid, so the `observed` blend is not needed.
-    if training and quantizer.fixed_range is None:
-        range_min, range_max = quantizer.observe(x, ranges_frozen)
-    else:
-        range_min, range_max = quantizer.current_range()
-    return quantizer.quantize(x, range_min, range_max)
-
-
-def _batch_norm_from_output_moments(self, outputs, bn_frozen):
-    """Same maths as `_batch_norm_train`, one multiply-add over the tensor.
-
-    With z the quantized-kernel output and c = gamma / sigma_moving, the
-    unfolded output is z / c + b, so its batch moments are
-    mean_B = mean(z) / c + b and var_B = var(z) / c^2; the corrected output
-    (z / c + b - mean_B) * gamma / sigma_B + beta is
-    z * gamma / (c * sigma_B) + beta - (mean(z) / c) * gamma / sigma_B.
-    """
-    bn = self.batch_norm
-    axis = self.linear_op.channel_axis(self.layer) % len(outputs.shape)
-    reduce_axes = [i for i in range(len(outputs.shape)) if i != axis]
-    z_mean, z_variance = ops.moments(outputs, axes=reduce_axes)
-    c = linear._safe_divisor(self._bn_channel_scale())
-    mean = z_mean / c
-    bias = self._layer_bias()
-    if bias is not None:
-        mean = mean + bias
-    variance = z_variance / ops.square(c)
-    momentum = bn.momentum
-    for variable, value in ((bn.moving_mean, mean), (bn.moving_variance, variance)):
-        updated = variable * momentum + ops.stop_gradient(value) * (1 - momentum)
-        variable.assign(linear.ops.where(bn_frozen, ops.convert_to_tensor(variable), updated))
-    inv_sigma = ops.rsqrt(variance + bn.epsilon)
-    gamma = bn.gamma if bn.scale else 1.0
-    multiplier = gamma * inv_sigma / c
-    shift = -(z_mean / c) * gamma * inv_sigma
-    if bn.center:
-        shift = shift + bn.beta
-    return self._add_channel_vector(self._scale_channels(outputs, multiplier), shift)
+def _folded_only(self, outputs, folded_bias, bn_frozen):
+    """The frozen-BN output: no batch moments, no moving-statistics update."""
+    return outputs if folded_bias is None else self._add_channel_vector(outputs, folded_bias)
 
 
 def _observe_nothing(self, x, frozen):
@@ -143,21 +73,11 @@ def variant(name):
         elif name == "no_act_fq":
             enter(patched(quantizers, "fake_quant_activation", lambda x, lo, hi, num_bits=8: x))
         elif name == "no_bn_correction":
-            enter(patched(linear.QuantizedLinear, "_batch_norm_train", lambda self, o, f: o))
-        elif name in ("bn_moments_on_output", "proposed"):
-            enter(patched(linear.QuantizedLinear, "_batch_norm_train",
-                          _batch_norm_from_output_moments))
-        if name in ("static_phase", "proposed"):
-            static_ops = _StaticWhereOps()
-            enter(patched(base.QuantizedLayer, "_phase", _static_phase))
-            enter(patched(base.QuantizedLayer, "_quantize_activation", _quantize_activation_static))
-            enter(patched(linear, "ops", static_ops))
-            enter(patched(quantizers, "ops", static_ops))
+            enter(patched(linear.QuantizedLinear, "_batch_norm_train", _folded_only))
         yield
 
 
-VARIANTS = ("qat", "no_observer", "no_weight_fq", "no_act_fq", "no_bn_correction",
-            "bn_moments_on_output", "static_phase", "proposed")
+VARIANTS = ("qat", "no_observer", "no_weight_fq", "no_act_fq", "no_bn_correction")
 
 
 def build_step_functions(architecture, batch, jit, variants=VARIANTS):
