@@ -71,6 +71,19 @@ def mobilenet_style(input_shape=(28, 28, 1), num_classes=10, width=16):
     return keras.Model(inputs, outputs, name="mobilenet_style")
 
 
+def _fine_tune(model, x, y, batch_size, epochs, callbacks, verbose):
+    """Pruning and QAT fine-tuning: Adam at 1e-4, 1/20 of the float rate."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(
+        x, y, batch_size=batch_size, epochs=epochs, callbacks=callbacks,
+        verbose=verbose,
+    )
+
+
 def _phase(title, verbose):
     if verbose:
         print(f"\n== {title}", flush=True)
@@ -146,27 +159,16 @@ def run_demo(
     if pruning_epochs:
         _phase(f"Pruning ({pruning_epochs} epoch(s), recipe '{recipe.name}')", verbose)
         start_model = recipe.prune(float_model, steps_per_epoch=steps_per_epoch)
-        start_model.compile(
-            optimizer=keras.optimizers.Adam(1e-4),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
-        start_model.fit(
-            x_train, y_train, batch_size=batch_size, epochs=pruning_epochs,
-            callbacks=recipe.callbacks(start_model), verbose=fit_verbose,
+        _fine_tune(
+            start_model, x_train, y_train, batch_size, pruning_epochs,
+            recipe.callbacks(start_model), fit_verbose,
         )
 
     _phase(f"Quantization-aware training ({qat_epochs} epoch(s), recipe '{recipe.name}')", verbose)
     qat_model = recipe.quantize(start_model)
-    qat_model.compile(
-        optimizer=keras.optimizers.Adam(1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    qat_model.fit(
-        x_train, y_train, batch_size=batch_size, epochs=qat_epochs,
-        callbacks=recipe.callbacks(qat_model, steps_per_epoch=steps_per_epoch),
-        verbose=fit_verbose,
+    _fine_tune(
+        qat_model, x_train, y_train, batch_size, qat_epochs,
+        recipe.callbacks(qat_model, steps_per_epoch=steps_per_epoch), fit_verbose,
     )
 
     extra_epochs = qat_epochs + pruning_epochs
