@@ -52,6 +52,9 @@ from qat_plugin.sparsity import ConstantSparsity, PolynomialDecay
 from qat_plugin.targets import ArenaPlan, TargetCheck, arena_plan, check_target
 from qat_plugin.transform import UnsupportedLayerError, quantize_model
 
+# Last: the callbacks import the engine above.
+from qat_plugin import callbacks, recipes  # noqa: E402  (qat_plugin.callbacks.X)
+
 __version__ = "0.1.0"
 
 __all__ = [
