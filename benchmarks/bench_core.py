@@ -12,7 +12,6 @@ Usage:
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 
 import qat_plugin
 from qat_plugin.datasets import fashion_mnist
-from qat_plugin.files import write_bytes_atomic
+from _results import write_results
 
 L = keras.layers
 
@@ -152,11 +151,7 @@ def main(argv=None):
         f"{results['qat_keras_tflite_top1_agreement']:.4f}, max error "
         f"{results['qat_keras_tflite_max_error_steps']:.2f} output steps"
     )
-    os.makedirs(args.output, exist_ok=True)
-    write_bytes_atomic(os.path.join(args.output, "core.md"), (table + "\n").encode())
-    write_bytes_atomic(
-        os.path.join(args.output, "core.json"), json.dumps(results, indent=2).encode()
-    )
+    write_results(args.output, "core", table, results)
 
 
 if __name__ == "__main__":

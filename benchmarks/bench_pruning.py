@@ -290,7 +290,7 @@ def main(argv=None):
         return
 
     from qat_plugin.datasets import fashion_mnist
-    from qat_plugin.files import write_bytes_atomic
+    from _results import write_results
 
     data = fashion_mnist()
     if data.is_synthetic:
@@ -329,11 +329,7 @@ def main(argv=None):
     )
     text = table(results)
     print(text)
-    os.makedirs(args.output, exist_ok=True)
-    write_bytes_atomic(os.path.join(args.output, "pruning.md"), (text + "\n").encode())
-    write_bytes_atomic(
-        os.path.join(args.output, "pruning.json"), json.dumps(results, indent=2).encode()
-    )
+    write_results(args.output, "pruning", text, results)
 
 
 if __name__ == "__main__":

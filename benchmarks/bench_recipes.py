@@ -18,7 +18,6 @@ Usage: python benchmarks/bench_recipes.py [--float-epochs 2] [--train-samples N]
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
@@ -31,9 +30,9 @@ import numpy as np  # noqa: E402
 import qat_plugin  # noqa: E402
 from qat_plugin import recipes  # noqa: E402
 from qat_plugin.datasets import fashion_mnist  # noqa: E402
-from qat_plugin.files import write_bytes_atomic  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import write_results  # noqa: E402
 from bench_schedule import compile_model, small_cnn  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -142,12 +141,9 @@ def main():
     )]
     table = "\n".join(lines)
     print("\n" + table)
-    os.makedirs(RESULTS, exist_ok=True)
-    write_bytes_atomic(os.path.join(RESULTS, "recipes.md"), (table + "\n").encode())
-    write_bytes_atomic(
-        os.path.join(RESULTS, "recipes.json"),
-        json.dumps({"float_accuracy": float_accuracy, "args": vars(args),
-                    "results": results}, indent=2).encode(),
+    write_results(
+        RESULTS, "recipes", table,
+        {"float_accuracy": float_accuracy, "args": vars(args), "results": results},
     )
 
 

@@ -47,10 +47,10 @@ import qat_plugin
 from qat_plugin.callbacks import QuantizationScheduler
 from qat_plugin.compare import measure_latency
 from qat_plugin.datasets import fashion_mnist
-from qat_plugin.files import write_bytes_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _results import write_results  # noqa: E402
 import _tfmot_models as models  # noqa: E402
 
 TOOLS = ("float_finetuned", "ptq_int8", "tfmot_qat_int8", "qat_plugin_qat_int8")
@@ -490,18 +490,15 @@ def main(argv=None):
                 result = run_seed(architecture, seed, data, args, workdir)
                 runs.append(result)
                 acc = result["accuracy"]
-                print(f"    " + ", ".join(f"{k} {100 * v:.2f}" for k, v in acc.items())
+                print("    " + ", ".join(f"{k} {100 * v:.2f}" for k, v in acc.items())
                       + f"; step ratio qat_plugin {result['qat_plugin_step_ratio']:.2f}, "
                       f"tfmot {result['tfmot_step_ratio']:.2f}", flush=True)
     report["wall_seconds"] = time.perf_counter() - start
     report["runs"] = runs
     report["summary"] = summarize(runs, args.architectures)
     stem = "tfmot_quick" if args.quick else "tfmot"
-    os.makedirs(args.output, exist_ok=True)
     text = markdown(report)
-    write_bytes_atomic(os.path.join(args.output, f"{stem}.md"), text.encode())
-    write_bytes_atomic(os.path.join(args.output, f"{stem}.json"),
-                       json.dumps(report, indent=2).encode())
+    write_results(args.output, stem, text, report)
     plots(report, args.output, stem)
     print(text)
     print(f"Wrote {stem}.md/.json/_overhead.png/_table.png to {args.output} "

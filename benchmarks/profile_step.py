@@ -23,7 +23,6 @@ Usage:
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -31,15 +30,14 @@ import traceback
 
 import keras
 import numpy as np
-from keras import ops
 
 import qat_plugin
 from qat_plugin import quantizers
-from qat_plugin.files import write_bytes_atomic
 from qat_plugin.layers import linear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _results import write_results  # noqa: E402
 import _tfmot_models as models  # noqa: E402
 
 
@@ -161,10 +159,7 @@ def main(argv=None):
             lines.append(f"\n{name} failed: `{error.strip()}`")
         lines.append("")
         print("\n".join(lines[-(len(step_ms) + 4 + len(errors)):]), flush=True)
-    os.makedirs(args.output, exist_ok=True)
-    write_bytes_atomic(os.path.join(args.output, f"tfmot_profile{args.tag}.md"), "\n".join(lines).encode())
-    write_bytes_atomic(os.path.join(args.output, f"tfmot_profile{args.tag}.json"),
-                       json.dumps(report, indent=2).encode())
+    write_results(args.output, f"tfmot_profile{args.tag}", "\n".join(lines), report)
     print("\n".join(lines))
 
 

@@ -3,7 +3,6 @@
 import os
 
 import keras
-import numpy as np
 
 from qat_plugin.backend import is_primary_process
 from qat_plugin.compare import top1_accuracy
