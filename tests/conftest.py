@@ -48,6 +48,16 @@ def assert_parity(qat_model, tflite_bytes, x, max_steps=2.0, min_agreement=0.99)
     return keras_list, tflite_list
 
 
+def assert_keras_round_trip(model, x, path):
+    """Saves `model` to `.keras`, loads it without custom_objects, compares."""
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        restored.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+    return restored
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_session():
     keras.backend.clear_session()

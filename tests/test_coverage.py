@@ -14,7 +14,7 @@ from keras.src.applications.convnext import LayerScale
 from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 
 import qat_plugin
-from tests.conftest import assert_parity
+from tests.conftest import assert_keras_round_trip, assert_parity
 
 SHAPE = (12, 12, 3)
 
@@ -194,9 +194,4 @@ def test_new_layer_kinds_round_trip_through_keras_file(tmp_path):
     assert "OperationLayer" in wrapped
     x = _pixels(16)
     qat_plugin.calibrate(qat, x)
-    path = tmp_path / "coverage.keras"
-    qat.save(path)
-    restored = keras.saving.load_model(path)
-    np.testing.assert_allclose(
-        restored.predict(x, verbose=0), qat.predict(x, verbose=0), atol=1e-6
-    )
+    assert_keras_round_trip(qat, x, tmp_path / "coverage.keras")

@@ -8,7 +8,7 @@ from keras import ops
 
 import qat_plugin
 from qat_plugin.layers import QuantizedCustomLayer
-from tests.conftest import assert_parity
+from tests.conftest import assert_keras_round_trip, assert_parity
 
 
 @keras.saving.register_keras_serializable(package="qat_plugin_tests")
@@ -121,12 +121,7 @@ def test_custom_layer_round_trips_through_keras_file(tmp_path):
     qat = qat_plugin.quantize_model(_custom_model())
     x = _data(16)
     qat_plugin.calibrate(qat, x)
-    path = tmp_path / "custom.keras"
-    qat.save(path)
-    restored = keras.saving.load_model(path)
-    np.testing.assert_allclose(
-        restored.predict(x, verbose=0), qat.predict(x, verbose=0), atol=1e-6
-    )
+    assert_keras_round_trip(qat, x, tmp_path / "custom.keras")
 
 
 def test_unregistered_custom_layer_error_names_both_ways_out():
@@ -137,6 +132,7 @@ def test_unregistered_custom_layer_error_names_both_ways_out():
     message = str(error.value)
     assert "'doubler'" in message and "NotRegistered" in message
     assert "skip=['doubler']" in message and "LayerQuantization" in message
+    assert "register_layer" in message
 
 
 def test_registered_weight_that_is_not_a_variable_is_reported():

@@ -122,20 +122,6 @@ def test_skip_keeps_layers_float():
     assert isinstance(qat.get_layer("conv_relu6_quantize"), qlayers.FakeQuant)
 
 
-def test_unknown_layer_error_names_layer_and_ways_out():
-    class Doubler(L.Layer):
-        def call(self, x):
-            return x * 2
-
-    inputs = keras.Input((4,))
-    model = keras.Model(inputs, L.Dense(2)(Doubler(name="twice")(inputs)))
-    with pytest.raises(qat_plugin.UnsupportedLayerError) as error:
-        qat_plugin.quantize_model(model)
-    message = str(error.value)
-    assert "'twice'" in message and "Doubler" in message
-    assert "skip=['twice']" in message and "register_layer" in message
-
-
 def test_skip_with_unknown_name_fails():
     with pytest.raises(ValueError, match="skip names layers that are not in model 'cnn': \\['nope'\\]"):
         qat_plugin.quantize_model(conv_bn_relu_model(), skip=["nope"])
