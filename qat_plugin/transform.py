@@ -23,6 +23,7 @@ from qat_plugin.layers import (
 )
 from qat_plugin.layers.activation import GATED_ACTIVATIONS
 from qat_plugin.layers.operation import argument_template
+from qat_plugin.layers.pruned import PrunedLayer
 from qat_plugin.quantizers import FIXED_RANGES
 from qat_plugin.recipes import resolve
 
@@ -120,6 +121,11 @@ def _clone(layer):
 
 
 _CONCATENATIONS = (keras.layers.Concatenate, _numpy_ops.Concatenate)
+_ZERO_PADDINGS = (
+    keras.layers.ZeroPadding1D,
+    keras.layers.ZeroPadding2D,
+    keras.layers.ZeroPadding3D,
+)
 
 # Linear layers whose kernel's last axis is the output channel axis.
 _SCALE_FOLDABLE = (
@@ -137,6 +143,48 @@ def _scaled_weights(scale):
         return [w * scale for w in weights]
 
     return transform
+
+
+def _scaled_kernel(scale):
+    """Multiplies a linear layer's kernel (its first weight) by scalar `scale`."""
+
+    def transform(weights):
+        return [weights[0] * scale] + list(weights[1:])
+
+    return transform
+
+
+def _composed(*transforms):
+    """Applies the weight transforms that are not None, left to right."""
+    transforms = [t for t in transforms if t is not None]
+    if not transforms:
+        return None
+
+    def transform(weights):
+        for step in transforms:
+            weights = step(weights)
+        return weights
+
+    return transform
+
+
+def _is_identity_affine(layer):
+    """True for a Rescaling or Normalization that leaves its input unchanged.
+
+    Keras applications built with `weights=None` hold a Normalization with
+    mean 0 and variance 1; the converter drops it, so QAT must not give it
+    a fake-quant of its own.
+    """
+    if isinstance(layer, keras.layers.Rescaling):
+        pairs = ((layer.scale, 1.0), (layer.offset, 0.0))
+    elif isinstance(layer, keras.layers.Normalization) and not layer.invert:
+        pairs = ((layer.mean, 0.0), (layer.variance, 1.0))
+    else:
+        return False
+    return all(
+        np.all(keras.ops.convert_to_numpy(value) == constant)
+        for value, constant in pairs
+    )
 
 
 def _shifted_bias(constant):
@@ -171,6 +219,7 @@ class _Builder:
         self.names = {node.name for node in graph.nodes}
         self.scale_folds, self.folded_scales = self._plan_scale_folds()
         self.bias_folds = self._plan_bias_folds()
+        self.input_scale_folds = self._plan_input_scale_folds()
 
     def _unique(self, name):
         candidate, n = name, 1
@@ -244,6 +293,43 @@ class _Builder:
                 and producer.layer.use_bias
             ):
                 folds[id(producer)] = (float(constant), node)
+        return folds
+
+    def _plan_input_scale_folds(self):
+        """Finds scalar Rescalings that fold into the Conv/Dense reading them.
+
+        The converter folds `conv(x * c)` for one scalar `c` into a single
+        op with the kernel times `c`, also through zero padding and an
+        identity Normalization (EfficientNet's `1 / 255` stem, measured);
+        x then reaches the op at its own scale, with no MUL.
+
+        Returns `{id(linear node): (scale, rescaling node)}`.
+        """
+        folds = {}
+        for node in self.graph.nodes:
+            layer = node.layer
+            if (
+                type(layer) is not keras.layers.Rescaling
+                or self._is_float(node)
+                or self.graph.is_shared(layer)
+                or np.size(layer.scale) != 1
+                or not np.all(np.asarray(layer.offset) == 0)
+            ):
+                continue
+            reader = self.graph.sole_consumer(node.outputs[0])
+            while reader is not None and not self._is_float(reader) and (
+                isinstance(reader.layer, _ZERO_PADDINGS)
+                or _is_identity_affine(reader.layer)
+            ):
+                reader = self.graph.sole_consumer(reader.outputs[0])
+            if (
+                reader is not None
+                and registry.policy_for(reader.layer) == registry.LINEAR
+                and not isinstance(reader.layer, PrunedLayer)
+                and not self._is_float(reader)
+                and not self.graph.is_shared(reader.layer)
+            ):
+                folds[id(reader)] = (float(np.reshape(layer.scale, ())), node)
         return folds
 
     def _scale_folds_into(self, producer, node):
@@ -339,6 +425,12 @@ class _Builder:
             return  # Built with its head.
         if any(add is node for _, add in self.bias_folds.values()):
             return  # Folded into the bias of the op before it.
+        if any(r is node for _, r in self.input_scale_folds.values()) or (
+            not self._is_float(node) and _is_identity_affine(node.layer)
+        ):
+            # Folded into the kernel of the op after it, or the identity.
+            self.tensors[node.outputs[0]] = self.tensors[node.inputs[0]]
+            return
         if self._is_float(node):
             self._build_float(node)
             return
@@ -501,6 +593,9 @@ class _Builder:
                 tail = add_fusion.tail
             else:
                 tail = addition
+        if id(node) in self.input_scale_folds:
+            input_scale, _ = self.input_scale_folds[id(node)]
+            transform = _composed(_scaled_kernel(input_scale), transform)
         layer = self._layer_for(
             id(node.layer),
             lambda: QuantizedLinear(

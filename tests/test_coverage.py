@@ -70,6 +70,17 @@ def _preprocessing(x):
     return _head(_conv(L.ZeroPadding2D()(x)))
 
 
+def _scalar_rescaling(x):
+    # EfficientNet's stem (weights=None): x / 255, an identity
+    # Normalization, padding, conv. The converter folds a scalar scale into
+    # the kernel of the op reading it, mid-network too: no MUL is left.
+    x = L.Rescaling(1.0 / 255)(x)
+    x = L.Normalization(mean=0.0, variance=1.0)(x)
+    x = L.ZeroPadding2D()(x)
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3)(x)))
+    return _head(L.DepthwiseConv2D(3)(L.Rescaling(-0.5)(x)))
+
+
 def _rescaling_offset(x):
     return _head(_conv(L.Rescaling(1.0 / 127.5, offset=-1.0)(x)))
 
@@ -122,6 +133,7 @@ CASES = {
     "squeeze_excite": _squeeze_excite,
     "preprocessing": _preprocessing,
     "rescaling_offset": _rescaling_offset,
+    "scalar_rescaling": _scalar_rescaling,
     "reshaping": _reshaping,
     "elementwise": _elementwise,
     "layer_scale": _layer_scale,
@@ -162,7 +174,15 @@ def test_layer_kind_exports_fully_int8_with_parity(case):
     assert_parity(qat, data, x)
 
 
-@pytest.mark.parametrize("case", ["ops_hard_sigmoid", "layer_scale", "custom_scale"])
+def test_scalar_rescaling_folds_into_the_kernels_reading_it():
+    _, qat, _, data = _export("scalar_rescaling")
+    assert "MUL" not in qat_plugin.inspect_tflite(data).op_counts
+    assert not any(type(l).__name__ == "QuantizedAffine" for l in qat.layers)
+
+
+@pytest.mark.parametrize(
+    "case", ["ops_hard_sigmoid", "layer_scale", "custom_scale", "scalar_rescaling"]
+)
 def test_folded_constants_keep_the_float_function(case):
     # Scales and shifts folded into the Conv/Dense before them: before
     # quantization starts the QAT model computes the float model's function.
