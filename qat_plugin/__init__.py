@@ -24,6 +24,8 @@ The public API:
 - `recipes.get(name)` / `recipes.load(path)`: a `Recipe` (quantization,
   schedule, pruning, export target) from a TOML file; `recipe.prune`,
   `recipe.quantize`, `recipe.callbacks` and `recipe.export_tflite` drive it.
+- `measure_parity(qat_model, tflite, x)`: the export's outputs against the
+  Keras QAT model's (error in output steps, top-1 agreement).
 - `check_target(tflite, "cpu" | "gpu" | "mcu")`: whether a .tflite meets a
   deployment target (`inspect_tflite(..., targets=...)` reports it too);
   `arena_plan` gives a microcontroller's activation memory.
@@ -45,6 +47,7 @@ from qat_plugin.layers import (
 )
 from qat_plugin.layers.pruned import PrunedLayer
 from qat_plugin.layerwise import LayerwiseReport, layerwise_error
+from qat_plugin.parity import Parity, measure_parity
 from qat_plugin.pruning import prune_model, strip_pruning
 from qat_plugin.recipes import Recipe, RecipeError
 from qat_plugin.registry import register_layer
@@ -66,6 +69,7 @@ __all__ = [
     "FakeQuant",
     "LayerQuantization",
     "LayerwiseReport",
+    "Parity",
     "PolynomialDecay",
     "PrunedLayer",
     "QuantizeOutputWrapper",
@@ -87,6 +91,7 @@ __all__ = [
     "inspect_tflite",
     "is_quantized",
     "layerwise_error",
+    "measure_parity",
     "prune_model",
     "quantize_model",
     "register_layer",

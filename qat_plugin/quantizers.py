@@ -9,6 +9,8 @@ a range that always contains zero.
 
 import keras
 from keras import ops
+from keras.src.quantizers.quantizers import adjust_and_nudge
+from keras.src.saving import serialization_lib
 
 # A range narrower than this would give a zero scale.
 _MIN_RANGE = 1e-6
@@ -89,6 +91,46 @@ def fake_quant_activation(x, range_min, range_max, num_bits=8):
     )
 
 
+def fake_quant_average(x, range_min, range_max, num_bits=8, divisor=None):
+    """Fake-quantizes an average of values on this range's grid, as TFLite does.
+
+    The int8 AVERAGE_POOL_2D kernels (reference and XNNPACK, measured) sum
+    their int values and divide by the count rounding half away from zero;
+    `fake_quant_activation` rounds half up, and float error in the average
+    makes exact ties fall either way. The average of grid values is a
+    multiple of `1 / count` steps: with `divisor` a multiple of every count
+    (or None to skip it), the value is snapped to that first. The gradient
+    is the identity (the average is always inside the range).
+
+    Example:
+
+    >>> import numpy as np
+    >>> # Steps of 0.1: 2.5, -2.5 and 3.5 steps round away from zero.
+    >>> x = np.array([0.25, -0.25, 0.35], "float32")
+    >>> y = ops.convert_to_numpy(fake_quant_average(x, -12.8, 12.7, divisor=2))
+    >>> [round(float(v), 2) for v in y]
+    [0.3, -0.3, 0.4]
+    """
+    narrow = num_bits == 16
+    nudged_min, _, scale, _ = adjust_and_nudge(
+        ops.convert_to_tensor(range_min, "float32"),
+        ops.convert_to_tensor(range_max, "float32"),
+        num_bits,
+        narrow,
+    )
+    quant_min = 1 if narrow else 0
+    levels = (1 << num_bits) - 1 - quant_min
+    # Grid index -> the signed int the kernel holds: 8 bits -128..127.
+    offset = quant_min - (1 << (num_bits - 1))
+    value = (ops.stop_gradient(x) - nudged_min) / scale + offset
+    if divisor is not None:
+        value = ops.round(value * divisor) / divisor
+    rounded = ops.sign(value) * ops.floor(ops.abs(value) + 0.5)
+    index = ops.clip(rounded - offset, 0, levels)
+    snapped = index * scale + nudged_min
+    return x + ops.stop_gradient(ops.cast(snapped, x.dtype) - x)
+
+
 def clamp_range(range_min, range_max, num_bits=8):
     """Makes a range legal for TFLite: it contains zero and is not empty.
 
@@ -149,7 +191,8 @@ class ActivationQuantizer:
     [-1.0, 2.0]
     """
 
-    def __init__(self, name, num_bits=8, ema_decay=0.99, fixed_range=None):
+    def __init__(self, name, num_bits=8, ema_decay=0.99, fixed_range=None,
+                 group=None, average_divisor=None):
         if num_bits not in (8, 16):
             raise ValueError(
                 f"Activation quantizer '{name}': num_bits must be 8 or 16, "
@@ -168,11 +211,20 @@ class ActivationQuantizer:
             # 1/32768, zero point 0, whatever the float range.
             fixed_range = FIXED_RANGE_16
         self.fixed_range = None if fixed_range is None else tuple(fixed_range)
+        if group is not None and self.fixed_range is not None:
+            raise ValueError(
+                f"Activation quantizer '{name}': a fixed range is the int8 "
+                f"kernel's own scale; it cannot join range group '{group.name}'."
+            )
+        self.group = group
+        self.average_divisor = average_divisor
 
     def build(self, layer):
         """Creates the range variables on `layer`."""
         if self.fixed_range is not None:
             return
+        if self.group is not None:
+            self.group.join(self)
         self.range_min = layer.add_weight(
             name=f"{self.name}_min",
             shape=(),
@@ -199,7 +251,12 @@ class ActivationQuantizer:
         """Returns the (min, max) the next fake-quant uses."""
         if self.fixed_range is not None:
             return self.fixed_range
-        return clamp_range(self.range_min, self.range_max, self.num_bits)
+        return self._clamped(self.range_min, self.range_max)
+
+    def _clamped(self, range_min, range_max):
+        if self.group is not None:
+            range_min, range_max = self.group.cover(self, range_min, range_max)
+        return clamp_range(range_min, range_max, self.num_bits)
 
     def observe(self, x, frozen):
         """Updates the running range from batch `x` unless `frozen`.
@@ -229,13 +286,23 @@ class ActivationQuantizer:
         new_max = select(frozen, ops.convert_to_tensor(self.range_max), new_max)
         self.range_min.assign(new_min)
         self.range_max.assign(new_max)
-        return clamp_range(new_min, new_max, self.num_bits)
+        return self._clamped(new_min, new_max)
 
     def quantize(self, x, range_min, range_max):
-        """Fake-quantizes `x` to the given range."""
+        """Fake-quantizes `x` to the given range (the op the export reads)."""
         return fake_quant_activation(x, range_min, range_max, self.num_bits)
 
+    def simulate(self, x, range_min, range_max):
+        """Computes what the int8 kernel outputs: `quantize`, or for an
+        average (`average_divisor` set) its rounding of ties."""
+        if self.average_divisor is None:
+            return self.quantize(x, range_min, range_max)
+        return fake_quant_average(
+            x, range_min, range_max, self.num_bits, self.average_divisor
+        )
+
     def get_config(self):
+        # The group is the owning layer's to serialize: it is shared.
         return {
             "name": self.name,
             "num_bits": self.num_bits,
@@ -243,4 +310,79 @@ class ActivationQuantizer:
             "fixed_range": None
             if self.fixed_range is None
             else list(self.fixed_range),
+            "average_divisor": self.average_divisor,
         }
+
+
+@keras.saving.register_keras_serializable(package="qat_plugin")
+class RangeGroup:
+    """Activations that must share one int8 scale, quantized with one range.
+
+    TFLite's CONCATENATION keeps one scale for its inputs and output, and so
+    do the pooling, padding and reshape ops on the way to it. The converter
+    gives every tensor of such a chain the concatenation's scale, and puts a
+    requantize op (QUANTIZE) wherever a tensor arrives with another one.
+    The tensors of a group therefore all fake-quantize with one range: each
+    member keeps its own observer, and quantizes with the smallest range
+    covering every member's, so they export with one scale and zero point.
+
+    The layers holding the members share the group object. `.keras` files
+    keep it shared (Keras' object-sharing scope); a config copied without
+    that scope gives each layer a group of its own, i.e. its own range.
+
+    Args:
+        name: the group's name, unique in its model (loading finds the
+            group's members by it).
+
+    Example:
+
+    >>> layer = keras.layers.Layer()
+    >>> group = RangeGroup("block")
+    >>> a, b = ActivationQuantizer("a", group=group), ActivationQuantizer("b", group=group)
+    >>> a.build(layer); b.build(layer)
+    >>> _ = a.observe(ops.convert_to_tensor([0.0, 1.0]), frozen=False)
+    >>> _ = b.observe(ops.convert_to_tensor([-0.5, 3.0]), frozen=False)
+    >>> [float(v) for v in a.current_range()]
+    [-0.5, 3.0]
+    """
+
+    def __init__(self, name):
+        self.name = name
+        self._members = []
+
+    def join(self, quantizer):
+        """Adds `quantizer` (once) to the group."""
+        if not any(member is quantizer for member in self._members):
+            self._members.append(quantizer)
+
+    @property
+    def members(self):
+        return list(self._members)
+
+    def cover(self, quantizer, range_min, range_max):
+        """Widens `quantizer`'s range to the other observed members' ranges."""
+        for other in self._members:
+            if other is quantizer:
+                continue
+            seen = other.observed
+            # jnp.where does not read Keras variables: pass their values.
+            other_min = ops.convert_to_tensor(other.range_min)
+            other_max = ops.convert_to_tensor(other.range_max)
+            range_min = ops.where(seen, ops.minimum(range_min, other_min), range_min)
+            range_max = ops.where(seen, ops.maximum(range_max, other_max), range_max)
+        return range_min, range_max
+
+    def get_config(self):
+        return {"name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        # Keras marks an object serialized twice as shared only in the
+        # configs it still holds; the layers' copies may miss the mark, so
+        # the group is found again by its name (unique in its model).
+        key = ("qat_plugin.RangeGroup", config["name"])
+        group = serialization_lib.get_shared_object(key)
+        if group is None:
+            group = cls(**config)
+            serialization_lib.record_object_after_deserialization(group, key)
+        return group

@@ -1,6 +1,7 @@
 """`quantize_model`: rebuilds a Keras 3 model with fake-quant for QAT."""
 
 import inspect
+import math
 
 import keras
 import numpy as np
@@ -24,7 +25,7 @@ from qat_plugin.layers import (
 from qat_plugin.layers.activation import GATED_ACTIVATIONS
 from qat_plugin.layers.operation import argument_template
 from qat_plugin.layers.pruned import PrunedLayer
-from qat_plugin.quantizers import FIXED_RANGES
+from qat_plugin.quantizers import FIXED_RANGES, RangeGroup
 from qat_plugin.recipes import resolve
 
 
@@ -121,6 +122,41 @@ def _clone(layer):
 
 
 _CONCATENATIONS = (keras.layers.Concatenate, _numpy_ops.Concatenate)
+_AVERAGE_POOLINGS = (
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+)
+
+
+def _averages(layer):
+    """True for a same-scale op whose outputs fall between its input's steps.
+
+    AVERAGE_POOL_2D and RESIZE_BILINEAR keep their input's scale but round
+    their outputs to it: QAT needs a fake-quant there, with the input's range.
+    """
+    return isinstance(layer, _AVERAGE_POOLINGS) or (
+        isinstance(layer, keras.layers.UpSampling2D)
+        and layer.interpolation != "nearest"
+    )
+
+
+def _average_divisor(layer):
+    """A multiple of every count an average pooling divides by, or None.
+
+    "valid" pooling always averages `prod(pool_size)` values; "same"
+    pooling fewer at the borders, so the least common multiple of
+    1..prod(pool_size) where it stays small enough to snap to exactly.
+    """
+    if not isinstance(layer, _AVERAGE_POOLINGS):
+        return None
+    count = math.prod(layer.pool_size)
+    if layer.padding == "valid":
+        return count
+    multiple = math.lcm(*range(1, count + 1))
+    return multiple if multiple <= 1 << 12 else count
+
+
 _ZERO_PADDINGS = (
     keras.layers.ZeroPadding1D,
     keras.layers.ZeroPadding2D,
@@ -220,6 +256,7 @@ class _Builder:
         self.scale_folds, self.folded_scales = self._plan_scale_folds()
         self.bias_folds = self._plan_bias_folds()
         self.input_scale_folds = self._plan_input_scale_folds()
+        self.range_groups = self._plan_range_groups()
 
     def _unique(self, name):
         candidate, n = name, 1
@@ -332,6 +369,64 @@ class _Builder:
                 folds[id(reader)] = (float(np.reshape(layer.scale, ())), node)
         return folds
 
+    def _plan_range_groups(self):
+        """Groups the tensors that must share one int8 scale.
+
+        CONCATENATION's inputs and output share one scale, and so do the
+        input and output of pooling, padding and reshape ops; the converter
+        propagates one scale over every tensor linked this way (DenseNet's
+        blocks, from the pooled transition output on; Inception's max-pooled
+        branch). Each such tensor that has a fake-quant quantizes with the
+        group's range; a range of its own would cost a requantize op. An
+        average pooling's output is rounded to its input's scale, so it
+        gets a fake-quant in its input's group.
+
+        Returns `{tensor key: RangeGroup}`.
+        """
+        parent = {}
+
+        def root(key):
+            while parent.get(key, key) != key:
+                key = parent[key]
+            return key
+
+        def link(keys):
+            first = root(keys[0])
+            for key in keys[1:]:
+                parent[root(key)] = first
+
+        owners = []  # Nodes whose tensors need one range: a group each.
+        for node in self.graph.nodes:
+            if self._is_float(node):
+                continue
+            policy = registry.policy_for(node.layer)
+            if type(node.layer) in _CONCATENATIONS:
+                link(list(node.inputs) + list(node.outputs))
+                owners.append(node)
+            elif policy == registry.PASSTHROUGH and len(node.inputs) == 1:
+                link(list(node.inputs) + list(node.outputs))
+                if _averages(node.layer):
+                    owners.append(node)
+        for calls in self.graph.calls.values():
+            # One layer, one quantizer: all its calls have its range.
+            if len(calls) > 1 and not self._is_float(calls[0]):
+                link([self._quantized_key(call) for call in calls])
+        groups = {}
+        for node in owners:  # Named after the chain's last one.
+            groups[root(node.outputs[0])] = RangeGroup(
+                f"{self.graph.name}/{node.name}"
+            )
+        return {
+            key: groups[root(key)]
+            for key in set(parent) | set(parent.values())
+            if root(key) in groups
+        }
+
+    def _quantized_key(self, node):
+        """The key of the tensor `node`'s output fake-quant quantizes."""
+        fusion = self.fusions.get(id(node))
+        return (fusion.tail if fusion else node).outputs[0]
+
     def _scale_folds_into(self, producer, node):
         layer = producer.layer
         fusion = self.fusions.get(id(producer))
@@ -365,14 +460,18 @@ class _Builder:
             or registry.policy_for(node.layer) == registry.FLOAT
         )
 
-    def _quantizer_kwargs(self):
-        return {
+    def _quantizer_kwargs(self, key=None):
+        """Constructor arguments of a layer whose output is tensor `key`."""
+        kwargs = {
             "num_bits": self.scheme.activation_bits,
             "ema_decay": self.scheme.ema_decay,
         }
+        if key in self.range_groups:
+            kwargs["range_group"] = self.range_groups[key]
+        return kwargs
 
-    def _fake_quant(self, name):
-        return FakeQuant(name=self._unique(name), **self._quantizer_kwargs())
+    def _fake_quant(self, name, key):
+        return FakeQuant(name=self._unique(name), **self._quantizer_kwargs(key))
 
     def build(self):
         new_inputs = []
@@ -384,7 +483,9 @@ class _Builder:
             new_inputs.append(new_input)
             value = new_input
             if "float" in str(t.dtype):
-                value = self._fake_quant(f"{graph_input.name}_quantize")(value)
+                value = self._fake_quant(
+                    f"{graph_input.name}_quantize", graph_input.key
+                )(value)
             self.tensors[graph_input.key] = value
         for node in self.graph.nodes:
             self._build_node(node)
@@ -446,7 +547,7 @@ class _Builder:
                 id(node.layer),
                 lambda: QuantizedAffine(
                     self._copy(node.layer), name=node.name,
-                    **self._quantizer_kwargs(),
+                    **self._quantizer_kwargs(node.outputs[0]),
                 ),
             )
             self._store_outputs(node, self._call(layer, node))
@@ -459,17 +560,20 @@ class _Builder:
                     self._copy(node.layer),
                     activation=fusion.activation_name,
                     name=node.name,
-                    **self._quantizer_kwargs(),
+                    **self._quantizer_kwargs(fusion.tail.outputs[0]),
                 ),
             )
             self.tensors[fusion.tail.outputs[0]] = self._call(layer, node)
         elif policy == registry.ACTIVATION:
             self._build_activation(node)
-        elif policy == registry.SHARED_SCALE and self._feeds_a_shared_scale(node):
-            # A concatenation read by another one (DenseNet's growing
-            # blocks): the whole chain shares the last one's scale, which
-            # the converter propagates back, as its own PTQ does. A range of
-            # its own here would cost a requantize (QUANTIZE) op.
+        elif (
+            policy == registry.SHARED_SCALE
+            and node.outputs[0] not in self.range_groups
+            and self._feeds_a_shared_scale(node)
+        ):
+            # A MAXIMUM read by another one: the chain shares the last one's
+            # scale, which the converter propagates back. A range of its own
+            # here would cost a requantize (QUANTIZE) op.
             layer = self._layer_for(id(node.layer), lambda: self._copy_of(node))
             self._store_outputs(node, self._call(layer, node))
         elif policy in (
@@ -485,10 +589,21 @@ class _Builder:
                     # Read by a concatenation: takes its scale (converter).
                     quantize_output=not self._feeds_only_shared_scale(tail),
                     name=node.name,
-                    **self._quantizer_kwargs(),
+                    **self._quantizer_kwargs(tail.outputs[0]),
                 ),
             )
             self.tensors[tail.outputs[0]] = self._call(layer, node)
+        elif _averages(node.layer):
+            layer = self._layer_for(
+                id(node.layer),
+                lambda: QuantizeOutputWrapper(
+                    self._copy_of(node),
+                    average_divisor=_average_divisor(node.layer),
+                    name=node.name,
+                    **self._quantizer_kwargs(node.outputs[0]),
+                ),
+            )
+            self._store_outputs(node, self._call(layer, node))
         else:  # PASSTHROUGH
             layer = self._layer_for(id(node.layer), lambda: self._copy_of(node))
             self._store_outputs(node, self._call(layer, node))
@@ -512,7 +627,7 @@ class _Builder:
                 keras.layers.Add(),
                 activation=fusion.activation_name,
                 name=node.name,
-                **self._quantizer_kwargs(),
+                **self._quantizer_kwargs(fusion.tail.outputs[0]),
             ),
         )
         self.tensors[fusion.tail.outputs[0]] = add([shortcut, residual])
@@ -527,7 +642,7 @@ class _Builder:
                 fixed_output_range=policy.fixed_output_range,
                 weight_bits=self.scheme.weight_bits,
                 name=node.name,
-                **self._quantizer_kwargs(),
+                **self._quantizer_kwargs(node.outputs[0]),
             ),
         )
         self._store_outputs(node, self._call(layer, node))
@@ -553,12 +668,9 @@ class _Builder:
         """True when `node`'s output takes its scale from a shared-scale op.
 
         The converter gives a tensor read only by shared-scale ops (MAXIMUM,
-        CONCATENATION, ...) their scale. A tensor read by a CONCATENATION
-        gets the concatenation's scale also when other ops read it (as in
-        the converter's own PTQ): the concatenation's range covers it, and a
-        range of its own would cost a requantize op. (MAXIMUM/MINIMUM ranges
-        need not cover their inputs, nor does a concatenation cover what a
-        pooling before it read: there a tensor keeps its range.)
+        MINIMUM, a registered "shared_scale" layer) their scale, so it needs
+        no fake-quant of its own. Tensors linked to a concatenation are not
+        among them: they fake-quantize with their `RangeGroup`'s range.
         """
         return all(
             self._takes_shared_scale(n.outputs[0])
@@ -569,10 +681,12 @@ class _Builder:
         if key in self.graph.output_keys:
             return False
         consumers = self.graph.consumers.get(key, [])
-        if not consumers or any(self._is_float(c) for c in consumers):
+        if (
+            not consumers
+            or key in self.range_groups
+            or any(self._is_float(c) for c in consumers)
+        ):
             return False
-        if any(type(c.layer) in _CONCATENATIONS for c in consumers):
-            return True
         return all(
             registry.policy_for(c.layer) == registry.SHARED_SCALE for c in consumers
         )
@@ -609,7 +723,7 @@ class _Builder:
                 per_channel=self.scheme.per_channel,
                 weight_bits=self.scheme.weight_bits,
                 name=node.name,
-                **self._quantizer_kwargs(),
+                **self._quantizer_kwargs(None if split else tail.outputs[0]),
             ),
         )
         outputs = self._call(layer, node)
@@ -622,24 +736,27 @@ class _Builder:
                     ),
                     own_activation,
                     self._unique(f"{node.name}_activation"),
+                    tail.outputs[0],
                 ),
             )
             outputs = wrapper(outputs)
         self.tensors[tail.outputs[0]] = outputs
 
-    def _quantized_activation(self, layer, name, layer_name):
+    def _quantized_activation(self, layer, name, layer_name, key):
         """The quantized form of activation `layer` computing `name`.
 
         Swish is two int8 ops (LOGISTIC, MUL); every other activation is
         one, with an observed or (sigmoid, softmax, tanh) fixed output range.
+        `key` is the output tensor's.
         """
+        kwargs = self._quantizer_kwargs(key)
         if name in GATED_ACTIVATIONS:
-            return QuantizedSwish(layer, name=layer_name, **self._quantizer_kwargs())
+            return QuantizedSwish(layer, name=layer_name, **kwargs)
+        fixed_range = FIXED_RANGES.get(name)
+        if fixed_range is not None:
+            kwargs.pop("range_group", None)  # The kernel fixes the scale.
         return QuantizeOutputWrapper(
-            layer,
-            fixed_range=FIXED_RANGES.get(name),
-            name=layer_name,
-            **self._quantizer_kwargs(),
+            layer, fixed_range=fixed_range, name=layer_name, **kwargs
         )
 
     def _build_activation(self, node):
@@ -650,7 +767,7 @@ class _Builder:
             layer = self._layer_for(
                 id(node.layer),
                 lambda: self._quantized_activation(
-                    self._copy_of(node), name, node.name
+                    self._copy_of(node), name, node.name, node.outputs[0]
                 ),
             )
         self._store_outputs(node, self._call(layer, node))
@@ -667,6 +784,6 @@ class _Builder:
             if needs_int8 and "float" in str(value.dtype):
                 value = self._layer_for(
                     ("float_exit", key),
-                    lambda: self._fake_quant(f"{node.name}_quantize"),
+                    lambda: self._fake_quant(f"{node.name}_quantize", key),
                 )(value)
             self.tensors[key] = value

@@ -124,8 +124,21 @@ def _dense_block(x):
     return _head(L.ReLU()(L.BatchNormalization()(x)))
 
 
+def _pooled_concatenation(x):
+    # DenseNet's transition (conv, average pooling) into a dense block and
+    # Inception's reduction (a max-pooled branch concatenated): a pooled
+    # tensor read by other ops too. The chain exports with one scale.
+    x = _conv(x, activation="relu")
+    pooled = L.AveragePooling2D(2)(x)
+    branch = _conv(L.ReLU()(L.BatchNormalization()(pooled)), filters=4)
+    x = L.Concatenate()([pooled, branch])
+    branch = L.Conv2D(4, 3, strides=2)(x)
+    return _head(L.Concatenate()([branch, L.MaxPooling2D(3, strides=2)(x)]))
+
+
 CASES = {
     "dense_block": _dense_block,
+    "pooled_concatenation": _pooled_concatenation,
     "activation_layers": _activation_layers,
     "activation_arguments": _activation_arguments,
     "ops_hard_sigmoid": _ops_hard_sigmoid,
@@ -196,6 +209,30 @@ def test_folded_constants_keep_the_float_function(case):
         qat.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_concatenation_chain_exports_one_scale_and_stays_shared_when_loaded(
+    tmp_path,
+):
+    _, qat, x, data = _export("pooled_concatenation")
+    report = qat_plugin.inspect_tflite(data)
+    assert "QUANTIZE" not in report.op_counts
+    interpreter = qat_plugin.interpreter.make_interpreter(data)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    chain = {
+        tensors[i]["quantization"]
+        for op in interpreter._get_ops_details()
+        if op["op_name"] in ("CONCATENATION", "AVERAGE_POOL_2D", "MAX_POOL_2D")
+        for i in list(op["inputs"]) + list(op["outputs"])
+    }
+    assert len(chain) == 1, chain
+    members = [l for l in qat.layers if getattr(l, "range_group", None)]
+    assert len({id(l.range_group) for l in members}) == 1
+    restored = assert_keras_round_trip(qat, x, tmp_path / "chain.keras")
+    members = [l for l in restored.layers if getattr(l, "range_group", None)]
+    assert len(members) == 6
+    assert all(l.range_group is members[0].range_group for l in members)
+    assert qat_plugin.export_tflite(restored) == data
 
 
 def test_new_layer_kinds_round_trip_through_keras_file(tmp_path):

@@ -71,9 +71,23 @@ def test_concatenate_inputs_share_its_range():
     merged = L.Concatenate(name="cat")([a, b])
     out = L.Add(name="add")([L.Conv2D(4, 1, name="d")(merged), L.Concatenate(name="cat2")([c, c])])
     qat = qat_plugin.quantize_model(keras.Model(inputs, out))
-    by_name = {layer.name: layer for layer in qat.layers}
-    assert not by_name["a"].quantize_output and not by_name["b"].quantize_output
-    assert not by_name["c"].quantize_output
+    layer = {layer.name: layer for layer in qat.layers}
+    group = layer["cat"].range_group
+    assert group is layer["a"].range_group is layer["b"].range_group
+    assert layer["c"].range_group is layer["cat2"].range_group is not group
+    assert layer["d"].range_group is None and layer["add"].range_group is None
+    x = np.random.default_rng(0).normal(size=(8, 6, 6, 3)).astype("float32")
+    qat_plugin.calibrate(qat, x)
+    own = {
+        name: (float(layer[name].output_quantizer.range_min),
+               float(layer[name].output_quantizer.range_max))
+        for name in ("a", "b", "cat")
+    }
+    union = (min(r[0] for r in own.values()), max(r[1] for r in own.values()))
+    assert own["a"] != own["b"]  # Each member observes its own tensor.
+    for name in ("a", "b", "cat"):
+        quantized = layer[name].output_quantizer.current_range()
+        np.testing.assert_allclose([float(v) for v in quantized], union, rtol=1e-6)
 
 
 def test_shared_layer_stays_shared_and_is_not_fused():

@@ -169,20 +169,28 @@ class QuantizedLayer(keras.layers.Layer):
     Args:
         num_bits: activation bit width (8, or 16 for 16x8 models).
         ema_decay: decay of the activation range observers.
+        range_group: a `RangeGroup` the output quantizer shares its range
+            with (tensors that must have one scale, e.g. around a
+            concatenation), or None.
     """
 
-    def __init__(self, num_bits=8, ema_decay=0.99, **kwargs):
+    def __init__(self, num_bits=8, ema_decay=0.99, range_group=None, **kwargs):
         super().__init__(**kwargs)
         self.num_bits = num_bits
         self.ema_decay = ema_decay
+        self.range_group = range_group
         self._export_constants = None
 
-    def _activation_quantizer(self, name, fixed_range=None):
+    def _activation_quantizer(self, name, fixed_range=None, average_divisor=None):
+        """A quantizer; the one named "output" joins the layer's range group."""
+        in_group = name == "output" and fixed_range is None
         return ActivationQuantizer(
             name,
             num_bits=self.num_bits,
             ema_decay=self.ema_decay,
             fixed_range=fixed_range,
+            group=self.range_group if in_group else None,
+            average_divisor=average_divisor,
         )
 
     def _build_schedule(self):
@@ -269,7 +277,7 @@ class QuantizedLayer(keras.layers.Layer):
             return x
         # An observer that has just seen this batch always has a range.
         enabled = quantize if observing else ops.logical_and(quantize, quantizer.observed)
-        return select(enabled, quantizer.quantize(x, range_min, range_max), x)
+        return select(enabled, quantizer.simulate(x, range_min, range_max), x)
 
     def export_constants(self):
         """Returns the NumPy constants this layer exports with (or None)."""
@@ -285,6 +293,10 @@ class QuantizedLayer(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"num_bits": self.num_bits, "ema_decay": self.ema_decay})
+        if self.range_group is not None:
+            config["range_group"] = keras.saving.serialize_keras_object(
+                self.range_group
+            )
         for key in self._sublayer_keys:
             sublayer = getattr(self, key)
             config[key] = (
@@ -297,6 +309,10 @@ class QuantizedLayer(keras.layers.Layer):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        if config.get("range_group") is not None:
+            config["range_group"] = keras.saving.deserialize_keras_object(
+                config["range_group"]
+            )
         for key in cls._sublayer_keys:
             if config.get(key) is not None:
                 config[key] = keras.saving.deserialize_keras_object(config[key])

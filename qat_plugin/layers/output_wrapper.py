@@ -21,6 +21,10 @@ class QuantizeOutputWrapper(QuantizedLayer):
             (TFLite fuses these into ADD, SUB and MUL).
         fixed_range: the output range fixed by the int8 kernel (sigmoid,
             softmax, tanh) instead of an observed one.
+        average_divisor: for an average pooling (whose output keeps its
+            input's scale), a multiple of every count it divides by: the
+            output rounds ties as the kernel does (see
+            `quantizers.fake_quant_average`). None for other layers.
         num_bits: activation bit width.
         ema_decay: decay of the range observer.
 
@@ -41,6 +45,7 @@ class QuantizeOutputWrapper(QuantizedLayer):
         activation="linear",
         fixed_range=None,
         quantize_output=True,
+        average_divisor=None,
         num_bits=8,
         ema_decay=0.99,
         **kwargs,
@@ -57,8 +62,9 @@ class QuantizeOutputWrapper(QuantizedLayer):
         self.activation = activation
         self.quantize_output = quantize_output
         self.fixed_range = None if fixed_range is None else tuple(fixed_range)
+        self.average_divisor = average_divisor
         self.output_quantizer = self._activation_quantizer(
-            "output", self.fixed_range
+            "output", self.fixed_range, average_divisor
         )
 
     def build(self, input_shape):
@@ -93,6 +99,7 @@ class QuantizeOutputWrapper(QuantizedLayer):
             {
                 "activation": self.activation,
                 "quantize_output": self.quantize_output,
+                "average_divisor": self.average_divisor,
                 "fixed_range": None
                 if self.fixed_range is None
                 else list(self.fixed_range),
