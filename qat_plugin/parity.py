@@ -40,7 +40,9 @@ def measure_parity(qat_model, tflite_model, x, batch_size=32):
     """Runs `x` through the QAT model and its export and compares them.
 
     Args:
-        qat_model: the quantized Keras model (after `calibrate` or `fit`).
+        qat_model: the quantized Keras model (after `calibrate` or `fit`),
+            or a `TFLiteModel` to compare two interpreters (XNNPACK against
+            the built-in kernels: how far two correct int8 engines differ).
         tflite_model: its export: bytes, a path or a `TFLiteModel`.
         x: a batch of model inputs (an array, or a list for several inputs).
         batch_size: Keras prediction batch size.
@@ -63,7 +65,12 @@ def measure_parity(qat_model, tflite_model, x, batch_size=32):
         tflite_model if isinstance(tflite_model, TFLiteModel)
         else TFLiteModel(tflite_model)
     )
-    keras_outputs = _as_list(qat_model.predict(x, batch_size=batch_size, verbose=0))
+    if isinstance(qat_model, TFLiteModel):
+        keras_outputs = _as_list(qat_model.predict(x))
+    else:
+        keras_outputs = _as_list(
+            qat_model.predict(x, batch_size=batch_size, verbose=0)
+        )
     tflite_outputs = _as_list(runner.predict(x))
     errors, agreements, decided, ties = [], [], [], []
     for k, t, step in zip(keras_outputs, tflite_outputs, runner.output_steps()):

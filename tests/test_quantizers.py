@@ -7,8 +7,10 @@ from keras import ops
 
 from qat_plugin.quantizers import (
     ActivationQuantizer,
+    RangeGroup,
     clamp_range,
     fake_quant_activation,
+    fake_quant_average,
     fake_quant_weight,
     integer_weight,
 )
@@ -34,6 +36,44 @@ def test_activation_fake_quant_matches_numpy_reference():
     # 256 levels at most, zero exactly representable.
     assert len(np.unique(got)) <= 256
     assert ops.convert_to_numpy(fake_quant_activation(np.zeros(3, "float32"), -2.3, 4.1)).tolist() == [0, 0, 0]
+
+
+def test_average_fake_quant_rounds_int_sums_half_away_from_zero():
+    # What TFLite's int8 AVERAGE_POOL_2D does: sum the int8 values of a
+    # window, divide by the count, round half away from zero.
+    rng = np.random.default_rng(3)
+    range_min, range_max = -0.9, 2.3
+    scale = (range_max - range_min) / 255
+    zero_point = np.round(-128 - range_min / scale)  # int8 zero point
+    ints = rng.integers(-128, 128, size=(4000, 4))
+    sums = ints.sum(axis=1)
+    want_ints = np.where(sums > 0, (sums + 2) // 4, -((-sums + 2) // 4))
+    grid = ((ints - zero_point) * scale).astype("float32")
+    got = ops.convert_to_numpy(
+        fake_quant_average(grid.mean(axis=1), range_min, range_max, divisor=4)
+    )
+    np.testing.assert_allclose(got, (want_ints - zero_point) * scale, atol=1e-5)
+    ties = sums % 4 == 2
+    assert ties.sum() > 500 and np.any(ties & (sums < 0))
+
+
+def test_range_group_members_quantize_with_the_union_of_their_ranges():
+    layer = keras.layers.Layer()
+    group = RangeGroup("block")
+    a = ActivationQuantizer("a", group=group)
+    b = ActivationQuantizer("b", group=group)
+    alone = ActivationQuantizer("alone")
+    for quantizer in (a, b, alone):
+        quantizer.build(layer)
+    a.observe(ops.convert_to_tensor([0.0, 1.0]), frozen=False)
+    assert [float(v) for v in a.current_range()] == [0.0, 1.0]  # b unseen
+    b.observe(ops.convert_to_tensor([-0.5, 3.0]), frozen=False)
+    alone.observe(ops.convert_to_tensor([-9.0, 9.0]), frozen=False)
+    for quantizer in (a, b):
+        assert [float(v) for v in quantizer.current_range()] == [-0.5, 3.0]
+    assert float(a.range_max) == 1.0  # Each keeps observing its own tensor.
+    with pytest.raises(ValueError, match="fixed range.*range group 'block'"):
+        ActivationQuantizer("sigmoid", fixed_range=(0.0, 1.0), group=group)
 
 
 def test_weight_fake_quant_is_symmetric_per_channel():
