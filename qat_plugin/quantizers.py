@@ -361,11 +361,13 @@ class RangeGroup:
 
     def cover(self, quantizer, range_min, range_max):
         """Widens `quantizer`'s range to the other observed members' ranges."""
+        # jnp.where does not read Keras variables: pass their values.
+        range_min = ops.convert_to_tensor(range_min)
+        range_max = ops.convert_to_tensor(range_max)
         for other in self._members:
             if other is quantizer:
                 continue
             seen = other.observed
-            # jnp.where does not read Keras variables: pass their values.
             other_min = ops.convert_to_tensor(other.range_min)
             other_max = ops.convert_to_tensor(other.range_max)
             range_min = ops.where(seen, ops.minimum(range_min, other_min), range_min)

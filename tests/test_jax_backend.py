@@ -103,7 +103,8 @@ def test_export_matches_tensorflow_trained_export(runs):
     assert parity.max_scale_rel_diff < 1e-4, parity.summary()
     assert parity.max_weight_steps <= 1.0, parity.summary()
     assert parity.max_bias_steps <= 1.0, parity.summary()
-    assert parity.max_output_steps <= 1.0, parity.summary()
+    # Dequantized outputs carry float rounding: one step may read 1.0001.
+    assert parity.max_output_steps <= 1.0 + 1e-3, parity.summary()
 
 
 def _dense_qat_model():

@@ -141,4 +141,5 @@ def test_export_matches_one_process_within_one_step(runs):
     assert parity.ops_equal, parity.summary()
     assert parity.max_weight_steps <= 1.0, parity.summary()
     assert parity.max_bias_steps <= 1.0, parity.summary()
-    assert parity.max_output_steps <= 1.0, parity.summary()
+    # Dequantized outputs carry float rounding: one step may read 1.0001.
+    assert parity.max_output_steps <= 1.0 + 1e-3, parity.summary()
