@@ -9,7 +9,9 @@ exported model with the Keras QAT model (`measure_parity`: top-1
 agreement, also over the samples whose top-1 leads by more than one output
 step, and the largest output error in output quantization steps) and the
 time taken, beside the same comparison between two LiteRT engines
-(XNNPACK and the built-in kernels) running the same file.
+(XNNPACK and the built-in kernels) running the same file, and the largest
+per-op error when each op is fed the interpreter's own inputs
+(`measure_local_parity`, over the ops matched to a Keras layer).
 
 Random weights: the outputs are logits (`classifier_activation=None`) of a
 10-class head, so that top-1 agreement compares real values rather than
@@ -156,6 +158,7 @@ def measure(name, size, include_top, samples):
     engines = qat_plugin.measure_parity(
         qat_plugin.TFLiteModel(data, use_xnnpack=False), data, x
     )
+    local = qat_plugin.measure_local_parity(qat, data, x)
     qat_seconds = time.perf_counter() - start
     ptq = qat_plugin.inspect_tflite(
         qat_plugin.export_tflite(model, representative_data=x)
@@ -175,6 +178,8 @@ def measure(name, size, include_top, samples):
         "ties": parity.ties[0],
         "steps": parity.max_error_steps[0],
         "engines": engines,
+        "local": local.max_error_steps,
+        "local_ops": len(local.rows),
         "seconds": qat_seconds,
         "tfmot": TFMOT.get(name, "not measured"),
     }
@@ -193,9 +198,9 @@ def _op_difference(qat_counts, ptq_counts):
 HEADER = (
     "| model | input | top | fully int8 | ops (QAT / PTQ) | PTQ int8 | "
     "op difference | top-1 agreement | decided agreement (ties) | "
-    "max error (steps) | XNNPACK vs built-in kernels | time (s) | "
-    "tfmot (Keras 2) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "max error (steps) | XNNPACK vs built-in kernels | "
+    "local max error (steps, ops) | time (s) | tfmot (Keras 2) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -205,7 +210,8 @@ def row(r):
         f"{r['ops']} / {r['ptq_ops']} | {r['ptq_int8']} | {r['op_diff']} | "
         f"{r['agreement']:.1%} | {_percent(r['decided'])} ({r['ties']}) | "
         f"{r['steps']:.2f} | {r['engines'].agreement[0]:.1%} / "
-        f"{r['engines'].max_error_steps[0]:.0f} steps | {r['seconds']:.0f} | "
+        f"{r['engines'].max_error_steps[0]:.0f} steps | "
+        f"{r['local']:.2f} ({r['local_ops']}) | {r['seconds']:.0f} | "
         f"{r['tfmot']} |"
     )
 
@@ -238,7 +244,7 @@ def main(argv=None):
                   flush=True)
         except Exception as error:  # one failing model must not end the run
             print(f"| {name} | | | error: {type(error).__name__}: "
-                  f"{str(error).splitlines()[0][:150]} | | | | | | | | | |",
+                  f"{str(error).splitlines()[0][:150]} | | | | | | | | | | |",
                   flush=True)
     return 0
 

@@ -25,7 +25,8 @@ The public API:
   schedule, pruning, export target) from a TOML file; `recipe.prune`,
   `recipe.quantize`, `recipe.callbacks` and `recipe.export_tflite` drive it.
 - `measure_parity(qat_model, tflite, x)`: the export's outputs against the
-  Keras QAT model's (error in output steps, top-1 agreement).
+  Keras QAT model's (error in output steps, top-1 agreement);
+  `measure_local_parity` the same per op, each fed the interpreter's inputs.
 - `check_target(tflite, "cpu" | "gpu" | "mcu")`: whether a .tflite meets a
   deployment target (`inspect_tflite(..., targets=...)` reports it too);
   `arena_plan` gives a microcontroller's activation memory.
@@ -47,7 +48,12 @@ from qat_plugin.layers import (
 )
 from qat_plugin.layers.pruned import PrunedLayer
 from qat_plugin.layerwise import LayerwiseReport, layerwise_error
-from qat_plugin.parity import Parity, measure_parity
+from qat_plugin.parity import (
+    LocalParity,
+    Parity,
+    measure_local_parity,
+    measure_parity,
+)
 from qat_plugin.pruning import prune_model, strip_pruning
 from qat_plugin.recipes import Recipe, RecipeError
 from qat_plugin.registry import register_layer
@@ -69,6 +75,7 @@ __all__ = [
     "FakeQuant",
     "LayerQuantization",
     "LayerwiseReport",
+    "LocalParity",
     "Parity",
     "PolynomialDecay",
     "PrunedLayer",
@@ -91,6 +98,7 @@ __all__ = [
     "inspect_tflite",
     "is_quantized",
     "layerwise_error",
+    "measure_local_parity",
     "measure_parity",
     "prune_model",
     "quantize_model",

@@ -53,3 +53,32 @@ def test_parity_refuses_another_models_export():
     _, _, other = _calibrated(classes=3)
     with pytest.raises(ValueError, match=r"shape \(96, 3\).*\(96, 4\)"):
         qat_plugin.measure_parity(qat, other, x)
+
+
+def _small_cnn():
+    L = keras.layers
+    inputs = keras.Input((12, 12, 3))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same", name="conv")(inputs)))
+    x = L.DepthwiseConv2D(3, padding="same", name="depthwise")(x)
+    pooled = L.AveragePooling2D(2, name="pool")(x)
+    x = L.Concatenate(name="cat")([pooled, L.Conv2D(4, 1, name="branch")(pooled)])
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, L.Dense(5, name="head")(x))
+
+
+def test_local_parity_is_within_a_step_and_localizes_a_wrong_layer():
+    x = np.random.default_rng(0).uniform(-1, 1, (32, 12, 12, 3)).astype("float32")
+    qat = qat_plugin.quantize_model(_small_cnn())
+    qat_plugin.calibrate(qat, x)
+    data = qat_plugin.export_tflite(qat)
+    local = qat_plugin.measure_local_parity(qat, data, x)
+    assert {"conv", "depthwise", "pool", "branch", "cat", "gap", "head"} <= {
+        r.layer for r in local.rows
+    }
+    assert local.max_error_steps <= 1.0 + 1e-3, str(local)
+    # A Keras model that no longer matches its export: only that op shows.
+    branch = qat.get_layer("branch")
+    branch.layer.bias.assign(branch.layer.bias + 0.5)
+    rows = {r.layer: r for r in qat_plugin.measure_local_parity(qat, data, x).rows}
+    assert rows["branch"].max_error_steps > 3
+    assert rows["head"].max_error_steps <= 1.0 + 1e-3
