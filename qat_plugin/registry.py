@@ -9,8 +9,9 @@ TFLite 8-bit specification:
   fake-quant.
 - `OUTPUT`: a weightless op with its own output scale (ADD, MUL, MEAN,
   activations): one output fake-quant.
-- `SHARED_SCALE`: inputs and output share one scale (CONCATENATION): one
-  output fake-quant whose range the inputs adopt.
+- `SHARED_SCALE`: inputs and output share one scale (CONCATENATION,
+  MAXIMUM, MINIMUM): they and every tensor linked to them through
+  passthrough ops fake-quantize with one shared range (a `RangeGroup`).
 - `PASSTHROUGH`: the output keeps the input's scale and zero point
   (pooling, reshape, pad, dropout): no fake-quant.
 - `BATCH_NORM`: a BatchNormalization; folded into the op before it when

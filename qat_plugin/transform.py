@@ -40,8 +40,9 @@ def quantize_model(model, recipe="int8", *, skip=()):
     fake-quant on each tensor that is int8 on the device and none elsewhere.
     Conv/Dense kernels are folded with the BatchNormalization after them and
     fake-quantized per output channel; ReLU/ReLU6 are fused into the op
-    before them; Concatenate inputs share the output's range; pooling,
-    reshapes and padding keep their input's range. Nested models are
+    before them; the tensors around a Concatenate, Maximum or Minimum
+    share one range (a `RangeGroup`); pooling, reshapes and padding keep
+    their input's range. Nested models are
     inlined, shared layers stay shared. `keras.ops` calls that a Functional
     model records (`x + 3.0`, `ops.silu(x)`) quantize like the matching
     layers, and constants the converter folds into a Conv/Dense (a
@@ -121,7 +122,6 @@ def _clone(layer):
     return type(layer).from_config(layer.get_config())
 
 
-_CONCATENATIONS = (keras.layers.Concatenate, _numpy_ops.Concatenate)
 _AVERAGE_POOLINGS = (
     keras.layers.AveragePooling1D,
     keras.layers.AveragePooling2D,
@@ -372,14 +372,16 @@ class _Builder:
     def _plan_range_groups(self):
         """Groups the tensors that must share one int8 scale.
 
-        CONCATENATION's inputs and output share one scale, and so do the
-        input and output of pooling, padding and reshape ops; the converter
-        propagates one scale over every tensor linked this way (DenseNet's
-        blocks, from the pooled transition output on; Inception's max-pooled
-        branch). Each such tensor that has a fake-quant quantizes with the
-        group's range; a range of its own would cost a requantize op. An
-        average pooling's output is rounded to its input's scale, so it
-        gets a fake-quant in its input's group.
+        The inputs and output of CONCATENATION, MAXIMUM and MINIMUM share
+        one scale, and so do the input and output of pooling, padding and
+        reshape ops; the converter propagates one scale over every tensor
+        linked this way (DenseNet's blocks, from the pooled transition
+        output on; Inception's max-pooled branch) and clips each to it.
+        Each such tensor that has a fake-quant quantizes with the group's
+        range, so the QAT model clips and rounds as the device does; a range
+        of its own would cost a requantize op. An average pooling's output
+        is rounded to its input's scale, so it gets a fake-quant in its
+        input's group.
 
         Returns `{tensor key: RangeGroup}`.
         """
@@ -400,7 +402,7 @@ class _Builder:
             if self._is_float(node):
                 continue
             policy = registry.policy_for(node.layer)
-            if type(node.layer) in _CONCATENATIONS:
+            if policy == registry.SHARED_SCALE:
                 link(list(node.inputs) + list(node.outputs))
                 owners.append(node)
             elif policy == registry.PASSTHROUGH and len(node.inputs) == 1:
@@ -566,16 +568,6 @@ class _Builder:
             self.tensors[fusion.tail.outputs[0]] = self._call(layer, node)
         elif policy == registry.ACTIVATION:
             self._build_activation(node)
-        elif (
-            policy == registry.SHARED_SCALE
-            and node.outputs[0] not in self.range_groups
-            and self._feeds_a_shared_scale(node)
-        ):
-            # A MAXIMUM read by another one: the chain shares the last one's
-            # scale, which the converter propagates back. A range of its own
-            # here would cost a requantize (QUANTIZE) op.
-            layer = self._layer_for(id(node.layer), lambda: self._copy_of(node))
-            self._store_outputs(node, self._call(layer, node))
         elif policy in (
             registry.OUTPUT, registry.SHARED_SCALE, registry.CHANNEL_SCALE
         ):
@@ -586,8 +578,6 @@ class _Builder:
                 lambda: QuantizeOutputWrapper(
                     self._copy_of(node),
                     activation=activation,
-                    # Read by a concatenation: takes its scale (converter).
-                    quantize_output=not self._feeds_only_shared_scale(tail),
                     name=node.name,
                     **self._quantizer_kwargs(tail.outputs[0]),
                 ),
@@ -651,46 +641,6 @@ class _Builder:
         for key, value in zip(node.outputs, tree.flatten(outputs)):
             self.tensors[key] = value
 
-    def _feeds_a_shared_scale(self, node):
-        """True when a shared-scale op (of the same class) reads `node`'s output."""
-        for call in self.graph.calls[id(node.layer)]:
-            key = call.outputs[0]
-            if key in self.graph.output_keys:
-                return False
-            for consumer in self.graph.consumers.get(key, []):
-                if not self._is_float(consumer) and type(consumer.layer) is type(
-                    node.layer
-                ):
-                    return True
-        return False
-
-    def _feeds_only_shared_scale(self, node):
-        """True when `node`'s output takes its scale from a shared-scale op.
-
-        The converter gives a tensor read only by shared-scale ops (MAXIMUM,
-        MINIMUM, a registered "shared_scale" layer) their scale, so it needs
-        no fake-quant of its own. Tensors linked to a concatenation are not
-        among them: they fake-quantize with their `RangeGroup`'s range.
-        """
-        return all(
-            self._takes_shared_scale(n.outputs[0])
-            for n in self.graph.calls[id(node.layer)]
-        )
-
-    def _takes_shared_scale(self, key):
-        if key in self.graph.output_keys:
-            return False
-        consumers = self.graph.consumers.get(key, [])
-        if (
-            not consumers
-            or key in self.range_groups
-            or any(self._is_float(c) for c in consumers)
-        ):
-            return False
-        return all(
-            registry.policy_for(c.layer) == registry.SHARED_SCALE for c in consumers
-        )
-
     def _build_linear(self, node, fusion):
         own_activation = registry.function_name(node.layer.activation)
         split = own_activation not in registry.FUSABLE_ACTIVATIONS
@@ -718,8 +668,6 @@ class _Builder:
                 if fusion.batch_norm is None
                 else self._copy(fusion.batch_norm.layer),
                 activation=activation_name,
-                quantize_output=split
-                or not self._feeds_only_shared_scale(tail),
                 per_channel=self.scheme.per_channel,
                 weight_bits=self.scheme.weight_bits,
                 name=node.name,

@@ -185,6 +185,11 @@ def test_layer_kind_exports_fully_int8_with_parity(case):
     )
     assert len(report.ops) <= len(ptq.ops), (report.op_counts, ptq.op_counts)
     assert_parity(qat, data, x)
+    # Each op, fed the interpreter's inputs: one step of tie rounding, two
+    # for the layers that are two int8 ops (swish: LOGISTIC, MUL;
+    # Normalization: SUB, MUL), compared at their last.
+    local = qat_plugin.measure_local_parity(qat, data, x)
+    assert local.max_error_steps <= 2.0 + 1e-3, str(local)
 
 
 def test_scalar_rescaling_folds_into_the_kernels_reading_it():

@@ -61,8 +61,6 @@ class QuantizedLinear(QuantizedLayer):
             ignored), or a `PrunedLayer` wrapping one.
         batch_norm: the BatchNormalization layer folded in, or None.
         activation: `"linear"`, `"relu"` or `"relu6"`, fused into the op.
-        quantize_output: False where the output's scale is set downstream
-            (a Concatenate input).
         per_channel: one weight scale per output channel (True) or per
             tensor.
         weight_bits: weight bit width.
@@ -87,7 +85,6 @@ class QuantizedLinear(QuantizedLayer):
         layer,
         batch_norm=None,
         activation="linear",
-        quantize_output=True,
         per_channel=True,
         weight_bits=8,
         num_bits=8,
@@ -110,7 +107,6 @@ class QuantizedLinear(QuantizedLayer):
         self.layer = layer
         self.batch_norm = batch_norm
         self.activation = activation
-        self.quantize_output = quantize_output
         self.per_channel = per_channel
         self.weight_bits = weight_bits
         self.output_quantizer = self._activation_quantizer("output")
@@ -133,12 +129,9 @@ class QuantizedLinear(QuantizedLayer):
             quantizer.build(self)
 
     def activation_quantizers(self):
-        quantizers = []
-        if self.intermediate_quantizer is not None:
-            quantizers.append(self.intermediate_quantizer)
-        if self.quantize_output:
-            quantizers.append(self.output_quantizer)
-        return quantizers
+        if self.intermediate_quantizer is None:
+            return [self.output_quantizer]
+        return [self.intermediate_quantizer, self.output_quantizer]
 
     # -- weights ---------------------------------------------------------
 
@@ -275,10 +268,9 @@ class QuantizedLinear(QuantizedLayer):
         activation = FUSED_ACTIVATIONS[self.activation]
         if activation is not None:
             outputs = activation(outputs)
-        if self.quantize_output:
-            outputs = self._quantize_activation(
-                self.output_quantizer, outputs, quantize, ranges_frozen, training
-            )
+        outputs = self._quantize_activation(
+            self.output_quantizer, outputs, quantize, ranges_frozen, training
+        )
         self._advance(training)
         return outputs
 
@@ -329,7 +321,6 @@ class QuantizedLinear(QuantizedLayer):
         config.update(
             {
                 "activation": self.activation,
-                "quantize_output": self.quantize_output,
                 "per_channel": self.per_channel,
                 "weight_bits": self.weight_bits,
             }

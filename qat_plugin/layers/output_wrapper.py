@@ -12,8 +12,9 @@ class QuantizeOutputWrapper(QuantizedLayer):
 
     For layers that become one int8 TFLite op with its own output scale and
     no weights to quantize: ADD, MUL, SUB, MEAN (global pooling), the
-    activations (RELU, LOGISTIC, SOFTMAX, ...), CONCATENATION (whose inputs
-    then share this output scale) and MUL/ADD by a constant (Rescaling).
+    activations (RELU, LOGISTIC, SOFTMAX, ...), CONCATENATION, MAXIMUM and
+    MINIMUM (whose inputs share this output's `range_group`), average
+    pooling and MUL/ADD by a constant (Rescaling).
 
     Args:
         layer: the wrapped layer.
@@ -44,7 +45,6 @@ class QuantizeOutputWrapper(QuantizedLayer):
         layer,
         activation="linear",
         fixed_range=None,
-        quantize_output=True,
         average_divisor=None,
         num_bits=8,
         ema_decay=0.99,
@@ -53,14 +53,8 @@ class QuantizeOutputWrapper(QuantizedLayer):
         kwargs.setdefault("name", layer.name)
         super().__init__(num_bits=num_bits, ema_decay=ema_decay, **kwargs)
         check_fused_activation(layer.name, activation)
-        if fixed_range is not None and not quantize_output:
-            raise ValueError(
-                f"Layer '{layer.name}': a fixed output range is the int8 "
-                "kernel's own output scale; it cannot be left unquantized."
-            )
         self.layer = layer
         self.activation = activation
-        self.quantize_output = quantize_output
         self.fixed_range = None if fixed_range is None else tuple(fixed_range)
         self.average_divisor = average_divisor
         self.output_quantizer = self._activation_quantizer(
@@ -71,11 +65,10 @@ class QuantizeOutputWrapper(QuantizedLayer):
         if not self.layer.built:
             self.layer.build(input_shape)
         self._build_schedule()
-        if self.quantize_output:
-            self.output_quantizer.build(self)
+        self.output_quantizer.build(self)
 
     def activation_quantizers(self):
-        return [self.output_quantizer] if self.quantize_output else []
+        return [self.output_quantizer]
 
     def call(self, inputs, training=False):
         quantize, _, ranges_frozen = self._phase(training)
@@ -83,10 +76,9 @@ class QuantizeOutputWrapper(QuantizedLayer):
         activation = FUSED_ACTIVATIONS[self.activation]
         if activation is not None:
             outputs = activation(outputs)
-        if self.quantize_output:
-            outputs = self._quantize_activation(
-                self.output_quantizer, outputs, quantize, ranges_frozen, training
-            )
+        outputs = self._quantize_activation(
+            self.output_quantizer, outputs, quantize, ranges_frozen, training
+        )
         self._advance(training)
         return outputs
 
@@ -98,7 +90,6 @@ class QuantizeOutputWrapper(QuantizedLayer):
         config.update(
             {
                 "activation": self.activation,
-                "quantize_output": self.quantize_output,
                 "average_divisor": self.average_divisor,
                 "fixed_range": None
                 if self.fixed_range is None
