@@ -22,6 +22,10 @@ Usage:
     python benchmarks/coverage.py                       # every model
     python benchmarks/coverage.py MobileNetV3Small ResNet50V2 --size 96
     python benchmarks/coverage.py --list
+    python benchmarks/coverage.py MobileNet --size 32 --train 300 --samples 256
+
+With `--train STEPS` the model is first trained on Fashion-MNIST (resized,
+RGB) and parity is measured on held-out test images.
 """
 
 import argparse
@@ -35,42 +39,31 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import qat_plugin  # noqa: E402
+from qat_plugin.datasets import fashion_mnist  # noqa: E402
 
 A = keras.applications
 
-# name: (constructor, smallest input side it accepts, extra arguments).
-MODELS = {
-    "MobileNet": (A.MobileNet, 32, {}),
-    "MobileNetV2": (A.MobileNetV2, 32, {}),
-    "MobileNetV3Small": (A.MobileNetV3Small, 32, {}),
-    "MobileNetV3Large": (A.MobileNetV3Large, 32, {}),
+# Variants measured beside the defaults: name -> (constructor, arguments).
+_VARIANTS = {
     "MobileNetV3Small-nopreproc": (
-        A.MobileNetV3Small, 32, {"include_preprocessing": False}),
-    "ResNet50": (A.ResNet50, 32, {}),
-    "ResNet101": (A.ResNet101, 32, {}),
-    "ResNet152": (A.ResNet152, 32, {}),
-    "ResNet50V2": (A.ResNet50V2, 32, {}),
-    "ResNet101V2": (A.ResNet101V2, 32, {}),
-    "ResNet152V2": (A.ResNet152V2, 32, {}),
-    "EfficientNetB0": (A.EfficientNetB0, 32, {}),
-    "EfficientNetB1": (A.EfficientNetB1, 32, {}),
-    "EfficientNetB7": (A.EfficientNetB7, 32, {}),
-    "EfficientNetV2B0": (A.EfficientNetV2B0, 32, {}),
+        A.MobileNetV3Small, {"include_preprocessing": False}),
     "EfficientNetV2B0-nopreproc": (
-        A.EfficientNetV2B0, 32, {"include_preprocessing": False}),
-    "EfficientNetV2S": (A.EfficientNetV2S, 32, {}),
-    "DenseNet121": (A.DenseNet121, 32, {}),
-    "DenseNet169": (A.DenseNet169, 32, {}),
-    "DenseNet201": (A.DenseNet201, 32, {}),
-    "NASNetMobile": (A.NASNetMobile, 32, {}),
-    "NASNetLarge": (A.NASNetLarge, 32, {}),
-    "InceptionV3": (A.InceptionV3, 75, {}),
-    "InceptionResNetV2": (A.InceptionResNetV2, 75, {}),
-    "Xception": (A.Xception, 71, {}),
-    "VGG16": (A.VGG16, 32, {}),
-    "VGG19": (A.VGG19, 32, {}),
-    "ConvNeXtTiny": (A.ConvNeXtTiny, 32, {}),
-    "ConvNeXtSmall": (A.ConvNeXtSmall, 32, {}),
+        A.EfficientNetV2B0, {"include_preprocessing": False}),
+}
+# Inception needs 75 pixels, Xception 71; the others take 32 and up.
+_SMALLEST = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
+
+# name: (constructor, smallest input side it accepts, extra arguments):
+# every keras.applications architecture, plus the variants above.
+MODELS = {
+    **{
+        name: (getattr(A, name), _SMALLEST.get(name, 32), {})
+        for name in sorted(n for n in dir(A) if n[0].isupper())
+    },
+    **{
+        name: (constructor, 32, extra)
+        for name, (constructor, extra) in _VARIANTS.items()
+    },
 }
 
 
@@ -105,14 +98,46 @@ def build(name, size, include_top):
 
 
 def images(model, count, seed=0):
-    """Pixels in [0, 255]; models without built-in preprocessing get [-1, 1]."""
+    """Noise pixels, scaled for `model` (see `scaled`)."""
     rng = np.random.default_rng(seed)
     shape = (count,) + tuple(model.inputs[0].shape[1:])
-    pixels = rng.uniform(0, 255, shape).astype("float32")
+    return scaled(model, rng.uniform(0, 255, shape).astype("float32"))
+
+
+def scaled(model, pixels):
+    """Pixels in [0, 255]; models without built-in preprocessing get [-1, 1]."""
     preprocessing = (keras.layers.Rescaling, keras.layers.Normalization)
     if any(isinstance(layer, preprocessing) for layer in model.layers):
         return pixels
     return pixels / 127.5 - 1.0
+
+
+def fashion_pixels(model, images):
+    """Fashion-MNIST images ([0, 1], 28x28x1) as `model`'s RGB input."""
+    side = model.inputs[0].shape[1]
+    resized = keras.ops.image.resize(images, (side, side))
+    rgb = np.repeat(keras.ops.convert_to_numpy(resized), 3, axis=-1)
+    return scaled(model, np.clip(rgb, 0.0, 1.0) * 255.0)
+
+
+def trained_on_fashion_mnist(model, steps, samples):
+    """Trains `model` on Fashion-MNIST; returns calibration and test batches.
+
+    `steps` of Adam (1e-3, batch 32) on the training images, then the
+    BatchNorm statistics are set from 512 of them (a few hundred steps at
+    momentum 0.99 leave them far from settled). Calibration uses `samples`
+    training images, parity `samples` test images.
+    """
+    data = fashion_mnist(download=False, synthetic=False)
+    count = steps * 32
+    x = fashion_pixels(model, data.x_train[: count + 512 + samples])
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x[:count], data.y_train[:count], batch_size=32, epochs=1, verbose=0)
+    settle_batch_norm(model, x[count : count + 512])
+    return x[-samples:], fashion_pixels(model, data.x_test[:samples])
 
 
 def settle_batch_norm(model, x):
@@ -143,22 +168,25 @@ def _all_layers(model):
             yield layer
 
 
-def measure(name, size, include_top, samples):
+def measure(name, size, include_top, samples, train_steps=0):
     start = time.perf_counter()
     model = build(name, size, include_top)
-    x = images(model, samples)
-    settle_batch_norm(model, x)
+    if train_steps:
+        x, test = trained_on_fashion_mnist(model, train_steps, samples)
+    else:
+        x = test = images(model, samples)
+        settle_batch_norm(model, x)
     qat = qat_plugin.quantize_model(model)
     qat_plugin.calibrate(qat, x, batch_size=8)
     data = qat_plugin.export_tflite(qat)
     report = qat_plugin.inspect_tflite(data)
-    parity = qat_plugin.measure_parity(qat, data, x, batch_size=8)
+    parity = qat_plugin.measure_parity(qat, data, test, batch_size=8)
     # The same .tflite in the built-in kernels against XNNPACK: how far two
     # correct int8 engines differ on this network.
     engines = qat_plugin.measure_parity(
-        qat_plugin.TFLiteModel(data, use_xnnpack=False), data, x
+        qat_plugin.TFLiteModel(data, use_xnnpack=False), data, test
     )
-    local = qat_plugin.measure_local_parity(qat, data, x)
+    local = qat_plugin.measure_local_parity(qat, data, test)
     qat_seconds = time.perf_counter() - start
     ptq = qat_plugin.inspect_tflite(
         qat_plugin.export_tflite(model, representative_data=x)
@@ -228,6 +256,9 @@ def main(argv=None):
                         help="calibration / parity batch size")
     parser.add_argument("--headless", action="store_true",
                         help="include_top=False, pooling='avg'")
+    parser.add_argument("--train", type=int, default=0, metavar="STEPS",
+                        help="train on Fashion-MNIST for STEPS steps first; "
+                        "parity then on --samples test images")
     parser.add_argument("--list", action="store_true", help="list the names")
     args = parser.parse_args(argv)
     if args.list:
@@ -240,8 +271,10 @@ def main(argv=None):
     for name in args.models or list(MODELS):
         keras.backend.clear_session()
         try:
-            print(row(measure(name, args.size, not args.headless, args.samples)),
-                  flush=True)
+            result = measure(
+                name, args.size, not args.headless, args.samples, args.train
+            )
+            print(row(result), flush=True)
         except Exception as error:  # one failing model must not end the run
             print(f"| {name} | | | error: {type(error).__name__}: "
                   f"{str(error).splitlines()[0][:150]} | | | | | | | | | | |",
