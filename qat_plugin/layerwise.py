@@ -141,10 +141,14 @@ def error_stats(reference, value):
 
 
 def _layer_names_in(tensor_name, layer_names):
-    """The Keras layer names mentioned in a converter tensor name."""
+    """The Keras layer names mentioned in a converter tensor name.
+
+    Only name scopes count: the last component of `model/conv/add_1` is a
+    TensorFlow op name, which may equal a layer's name (`add_1`).
+    """
     found = set()
     for part in tensor_name.split(";"):
-        for component in part.split("/"):
+        for component in part.split("/")[:-1]:
             if component in layer_names:
                 found.add(component)
             else:
