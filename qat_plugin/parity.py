@@ -82,6 +82,16 @@ def measure_parity(qat_model, tflite_model, x, batch_size=32):
             qat_model.predict(x, batch_size=batch_size, verbose=0)
         )
     tflite_outputs = _as_list(runner.predict(x))
+    if len(keras_outputs) != len(tflite_outputs):
+        raise ValueError(
+            f"The export has {len(tflite_outputs)} outputs, the reference "
+            f"{len(keras_outputs)}: the .tflite file is not this model's export."
+        )
+    if not all(step > 0 for step in runner.output_steps()):
+        raise ValueError(
+            "measure_parity compares int8/int16 exports; this .tflite has "
+            "float outputs (no quantization step to measure in)."
+        )
     errors, agreements, decided, ties = [], [], [], []
     for k, t, step in zip(keras_outputs, tflite_outputs, runner.output_steps()):
         k, t = np.asarray(k, "float64"), np.asarray(t, "float64")
@@ -198,6 +208,12 @@ def measure_local_parity(qat_model, tflite_model, x):
     """
     runner = TFLiteModel(tflite_model, use_xnnpack=False, preserve_all_tensors=True)
     inputs = [np.asarray(v) for v in runner._as_list(x)]
+    if not runner.dynamic_batch and len(inputs[0]) != runner.input_details[0]["shape"][0]:
+        raise ValueError(
+            "measure_local_parity keeps the tensors of one invocation: give "
+            f"a batch of the model's fixed size {runner.input_details[0]['shape'][0]}, "
+            f"not {len(inputs[0])} (export_tflite writes a dynamic batch)."
+        )
     runner.predict(inputs, batch_size=len(inputs[0]))
     interpreter = runner.interpreter
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
@@ -252,4 +268,10 @@ def measure_local_parity(qat_model, tflite_model, x):
         )
         # Downstream layers read what the interpreter computed.
         values[node.outputs[0]] = reference
+    if not rows:
+        raise ValueError(
+            f"No op of the .tflite file matched a layer of '{qat_model.name}' "
+            "by name: give the QAT model this file was exported from (its "
+            "top-level layers are matched, not those of a model nested in it)."
+        )
     return LocalParity(tuple(rows), len(inputs[0]))

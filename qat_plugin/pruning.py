@@ -1,6 +1,7 @@
 """`prune_model` and `strip_pruning`: magnitude and N:M pruning of a Keras 3 model."""
 
 import keras
+from keras.src.saving import serialization_lib
 
 from qat_plugin.graph import LayerGraph
 from qat_plugin.layers.linear import QuantizedLinear
@@ -110,7 +111,10 @@ def prune_model(model, sparsity=None, *, structure="unstructured", schedule=None
             return PrunedLayer(copy, schedule_, format_structure(pattern))
         return copy
 
-    pruned = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    with serialization_lib.ObjectSharingScope():  # Range groups stay shared.
+        pruned = keras.models.clone_model(
+            model, clone_function=clone, recursive=True
+        )
     for original, copy in copies:
         copy.set_weights(original.get_weights())
     return pruned
@@ -189,7 +193,10 @@ def strip_pruning(model):
         copies.append((layer, copy))
         return copy
 
-    stripped = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    with serialization_lib.ObjectSharingScope():  # Range groups stay shared.
+        stripped = keras.models.clone_model(
+            model, clone_function=clone, recursive=True
+        )
     for original, copy in copies:
         if isinstance(original, PrunedLayer):
             copy.set_weights(original.stripped_weights())

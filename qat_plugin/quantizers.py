@@ -355,10 +355,6 @@ class RangeGroup:
         if not any(member is quantizer for member in self._members):
             self._members.append(quantizer)
 
-    @property
-    def members(self):
-        return list(self._members)
-
     def cover(self, quantizer, range_min, range_max):
         """Widens `quantizer`'s range to the other observed members' ranges."""
         # jnp.where does not read Keras variables: pass their values.

@@ -12,8 +12,10 @@ TFLite 8-bit specification:
 - `SHARED_SCALE`: inputs and output share one scale (CONCATENATION,
   MAXIMUM, MINIMUM): they and every tensor linked to them through
   passthrough ops fake-quantize with one shared range (a `RangeGroup`).
-- `PASSTHROUGH`: the output keeps the input's scale and zero point
-  (pooling, reshape, pad, dropout): no fake-quant.
+- `PASSTHROUGH`: the output keeps the input's scale and zero point (max
+  pooling, reshape, pad, dropout): no fake-quant. Average pooling and
+  bilinear upsampling round to that scale: they get a fake-quant with their
+  input's range.
 - `BATCH_NORM`: a BatchNormalization; folded into the op before it when
   there is one, otherwise a per-channel affine (MUL, ADD).
 - `ACTIVATION`: fused into the op before it where TFLite allows, otherwise

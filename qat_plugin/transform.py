@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import uuid
 
 import keras
 import numpy as np
@@ -23,6 +24,7 @@ from qat_plugin.layers import (
     QuantizeOutputWrapper,
 )
 from qat_plugin.layers.activation import GATED_ACTIVATIONS
+from qat_plugin.layers.affine import is_constant
 from qat_plugin.layers.operation import argument_template
 from qat_plugin.layers.pruned import PrunedLayer
 from qat_plugin.quantizers import FIXED_RANGES, RangeGroup
@@ -141,20 +143,22 @@ def _averages(layer):
     )
 
 
-def _average_divisor(layer):
+def _average_divisor(layer, num_bits):
     """A multiple of every count an average pooling divides by, or None.
 
     "valid" pooling always averages `prod(pool_size)` values; "same"
-    pooling fewer at the borders, so the least common multiple of
-    1..prod(pool_size) where it stays small enough to snap to exactly.
+    pooling fewer at the borders: per axis any of 1..pool_size, so the
+    product of each axis's least common multiple. Snapping to `1 / divisor`
+    steps is exact in float32 while `divisor * 2^(num_bits - 1)` stays
+    below 2^22; past that the interior count is used.
     """
     if not isinstance(layer, _AVERAGE_POOLINGS):
         return None
     count = math.prod(layer.pool_size)
     if layer.padding == "valid":
         return count
-    multiple = math.lcm(*range(1, count + 1))
-    return multiple if multiple <= 1 << 12 else count
+    multiple = math.prod(math.lcm(*range(1, p + 1)) for p in layer.pool_size)
+    return multiple if multiple <= 1 << (23 - num_bits) else count
 
 
 _ZERO_PADDINGS = (
@@ -204,21 +208,28 @@ def _composed(*transforms):
     return transform
 
 
-def _is_identity_affine(layer):
+def _reads_float(node):
+    """True when `node`'s first input is a float tensor (a Rescaling of an
+    integer input also casts it: it cannot simply vanish)."""
+    return "float" in str(node.arguments.keras_tensors[0].dtype)
+
+
+def _is_identity_affine(node):
     """True for a Rescaling or Normalization that leaves its input unchanged.
 
     Keras applications built with `weights=None` hold a Normalization with
     mean 0 and variance 1; the converter drops it, so QAT must not give it
     a fake-quant of its own.
     """
+    layer = node.layer
     if isinstance(layer, keras.layers.Rescaling):
         pairs = ((layer.scale, 1.0), (layer.offset, 0.0))
     elif isinstance(layer, keras.layers.Normalization) and not layer.invert:
         pairs = ((layer.mean, 0.0), (layer.variance, 1.0))
     else:
         return False
-    return all(
-        np.all(keras.ops.convert_to_numpy(value) == constant)
+    return _reads_float(node) and all(
+        is_constant(keras.ops.convert_to_numpy(value), constant)
         for value, constant in pairs
     )
 
@@ -350,13 +361,14 @@ class _Builder:
                 or self._is_float(node)
                 or self.graph.is_shared(layer)
                 or np.size(layer.scale) != 1
-                or not np.all(np.asarray(layer.offset) == 0)
+                or not is_constant(layer.offset, 0.0)
+                or not _reads_float(node)
             ):
                 continue
             reader = self.graph.sole_consumer(node.outputs[0])
             while reader is not None and not self._is_float(reader) and (
                 isinstance(reader.layer, _ZERO_PADDINGS)
-                or _is_identity_affine(reader.layer)
+                or _is_identity_affine(reader)
             ):
                 reader = self.graph.sole_consumer(reader.outputs[0])
             if (
@@ -368,6 +380,21 @@ class _Builder:
             ):
                 folds[id(reader)] = (float(np.reshape(layer.scale, ())), node)
         return folds
+
+    def _is_alias(self, node):
+        """True for a node that vanishes: its output is its input's tensor.
+
+        A scalar Rescaling folded into the kernel after it, a LayerScale
+        folded into the one before it, an identity Rescaling/Normalization.
+        """
+        return not self._is_float(node) and (
+            any(r is node for _, r in self.input_scale_folds.values())
+            or (
+                registry.policy_for(node.layer) == registry.CHANNEL_SCALE
+                and id(node) in self.folded_scales
+            )
+            or _is_identity_affine(node)
+        )
 
     def _plan_range_groups(self):
         """Groups the tensors that must share one int8 scale.
@@ -405,18 +432,28 @@ class _Builder:
             if policy == registry.SHARED_SCALE:
                 link(list(node.inputs) + list(node.outputs))
                 owners.append(node)
-            elif policy == registry.PASSTHROUGH and len(node.inputs) == 1:
+            elif self._is_alias(node) or (
+                policy == registry.PASSTHROUGH and len(node.inputs) == 1
+            ):
                 link(list(node.inputs) + list(node.outputs))
                 if _averages(node.layer):
                     owners.append(node)
         for calls in self.graph.calls.values():
-            # One layer, one quantizer: all its calls have its range.
-            if len(calls) > 1 and not self._is_float(calls[0]):
+            # One layer, one output quantizer: all its calls have its range.
+            policy = registry.policy_for(calls[0].layer)
+            if (
+                len(calls) > 1
+                and not self._is_float(calls[0])
+                and (policy != registry.PASSTHROUGH or _averages(calls[0].layer))
+            ):
                 link([self._quantized_key(call) for call in calls])
+        # Unique per quantize_model call: `.keras` loading finds a group's
+        # members by name, and two QAT models of one name may share a file.
+        suffix = uuid.uuid4().hex[:8]
         groups = {}
         for node in owners:  # Named after the chain's last one.
             groups[root(node.outputs[0])] = RangeGroup(
-                f"{self.graph.name}/{node.name}"
+                f"{self.graph.name}/{node.name}/{suffix}"
             )
         return {
             key: groups[root(key)]
@@ -528,10 +565,7 @@ class _Builder:
             return  # Built with its head.
         if any(add is node for _, add in self.bias_folds.values()):
             return  # Folded into the bias of the op before it.
-        if any(r is node for _, r in self.input_scale_folds.values()) or (
-            not self._is_float(node) and _is_identity_affine(node.layer)
-        ):
-            # Folded into the kernel of the op after it, or the identity.
+        if self._is_alias(node):
             self.tensors[node.outputs[0]] = self.tensors[node.inputs[0]]
             return
         if self._is_float(node):
@@ -542,8 +576,6 @@ class _Builder:
             self._build_custom(node, policy)
         elif policy == registry.SCALED_ADD:
             self._build_scaled_add(node, fusion)
-        elif policy == registry.CHANNEL_SCALE and id(node) in self.folded_scales:
-            self.tensors[node.outputs[0]] = self.tensors[node.inputs[0]]
         elif policy == registry.AFFINE:
             layer = self._layer_for(
                 id(node.layer),
@@ -588,7 +620,9 @@ class _Builder:
                 id(node.layer),
                 lambda: QuantizeOutputWrapper(
                     self._copy_of(node),
-                    average_divisor=_average_divisor(node.layer),
+                    average_divisor=_average_divisor(
+                        node.layer, self.scheme.activation_bits
+                    ),
                     name=node.name,
                     **self._quantizer_kwargs(node.outputs[0]),
                 ),

@@ -93,8 +93,8 @@ def _reshaping(x):
 
 
 def _elementwise(x):
-    # MAXIMUM / MINIMUM keep one scale for inputs and output: their
-    # producers feed nothing else, so they adopt the output's range.
+    # MAXIMUM / MINIMUM keep one scale for inputs and output: producers
+    # and output quantize with one shared range (clipped as on the device).
     x = _conv(x)
     c = L.Maximum()([_conv(x, kernel=1), _conv(x, kernel=1)])
     d = L.Subtract()([c, _conv(c, kernel=1)])
@@ -258,3 +258,35 @@ def test_new_layer_kinds_round_trip_through_keras_file(tmp_path):
     x = _pixels(16)
     qat_plugin.calibrate(qat, x)
     assert_keras_round_trip(qat, x, tmp_path / "coverage.keras")
+
+
+def test_groups_link_through_vanishing_layers_and_stay_apart_across_models(
+    tmp_path,
+):
+    # An identity Normalization vanishes: the conv before it still joins the
+    # concatenation's range. Two QAT models of one name in one file keep
+    # their own groups when loaded.
+    def qat_model():
+        inputs = keras.Input(SHAPE)
+        a = L.Normalization(mean=0.0, variance=1.0)(_conv(inputs))
+        merged = L.Concatenate(name="cat")([a, _conv(inputs)])
+        model = keras.Model(inputs, _head(merged), name="net")
+        qat = qat_plugin.quantize_model(model)
+        qat_plugin.calibrate(qat, _pixels(16, seed=len(qat.layers)) / 127.5 - 1.0)
+        return qat
+
+    first, second = qat_model(), qat_model()
+    second.name = "net_2"  # Keras wants unique names; the groups were made
+    # for two models named "net".
+    group = first.get_layer("cat").range_group
+    members = [l for l in first.layers if getattr(l, "range_group", None) is group]
+    assert len(members) == 3  # Both convs and the concatenation.
+    inputs = keras.Input(SHAPE)
+    both = keras.Model(inputs, [first(inputs), second(inputs)])
+    x = _pixels(16, seed=3) / 127.5 - 1.0
+    restored = assert_keras_round_trip(both, x, tmp_path / "both.keras")
+    groups = [
+        {id(l.range_group) for l in nested.layers if getattr(l, "range_group", None)}
+        for nested in restored.layers[1:]
+    ]
+    assert len(groups[0]) == len(groups[1]) == 1 and groups[0] != groups[1]

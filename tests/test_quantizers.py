@@ -57,6 +57,21 @@ def test_average_fake_quant_rounds_int_sums_half_away_from_zero():
     assert ties.sum() > 500 and np.any(ties & (sums < 0))
 
 
+def test_average_fake_quant_16_bits_snaps_exactly_at_the_top_of_the_range():
+    # int16: symmetric, zero point 0; averages of up to 9 values near 32767.
+    scale = 1.0 / 32768
+    range_max = 32767 * scale
+    rng = np.random.default_rng(4)
+    ints = rng.integers(32000, 32768, size=(2000, 6))
+    sums = ints.sum(axis=1)
+    want = np.where(sums > 0, (2 * sums + 6) // 12, -((-2 * sums + 6) // 12))
+    grid = (ints * scale).astype("float32")
+    got = ops.convert_to_numpy(
+        fake_quant_average(grid.mean(axis=1), -range_max, range_max, 16, 36)
+    )
+    np.testing.assert_array_equal(np.round(got / scale), want)
+
+
 def test_range_group_members_quantize_with_the_union_of_their_ranges():
     layer = keras.layers.Layer()
     group = RangeGroup("block")

@@ -7,7 +7,8 @@ from keras import ops
 from qat_plugin.layers.base import QuantizedLayer
 
 
-def _is_constant(value, constant):
+def is_constant(value, constant):
+    """True when every element of `value` equals `constant`."""
     return bool(np.all(np.asarray(value, dtype="float64") == constant))
 
 
@@ -60,9 +61,9 @@ class QuantizedAffine(QuantizedLayer):
     def _step_names(self):
         layer = self.layer
         if isinstance(layer, keras.layers.Rescaling):
-            if _is_constant(layer.offset, 0.0):
+            if is_constant(layer.offset, 0.0):
                 return ["output"]
-            if _is_constant(layer.scale, 1.0):
+            if is_constant(layer.scale, 1.0):
                 return ["output"]
             return ["scaled", "output"]
         return ["centered", "output"]
@@ -83,9 +84,9 @@ class QuantizedAffine(QuantizedLayer):
         if isinstance(layer, keras.layers.Rescaling):
             scale = ops.cast(layer.scale, dtype)
             offset = ops.cast(layer.offset, dtype)
-            if _is_constant(layer.offset, 0.0):
+            if is_constant(layer.offset, 0.0):
                 return [lambda x: x * scale]
-            if _is_constant(layer.scale, 1.0):
+            if is_constant(layer.scale, 1.0):
                 return [lambda x: x + offset]
             return [lambda x: x * scale, lambda x: x + offset]
         std = ops.maximum(ops.sqrt(layer.variance), keras.config.epsilon())
