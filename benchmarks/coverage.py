@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 
 import qat_plugin  # noqa: E402
 from qat_plugin.datasets import fashion_mnist  # noqa: E402
+from _results import write_results  # noqa: E402
 
 A = keras.applications
 
@@ -260,6 +261,8 @@ def main(argv=None):
                         help="train on Fashion-MNIST for STEPS steps first; "
                         "parity then on --samples test images")
     parser.add_argument("--list", action="store_true", help="list the names")
+    parser.add_argument("--output", metavar="STEM",
+                        help="also write benchmarks/results/STEM.{md,json}")
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(MODELS))
@@ -268,18 +271,38 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown models {unknown}; see --list")
     print(HEADER, flush=True)
+    lines, figures = [HEADER], []
     for name in args.models or list(MODELS):
         keras.backend.clear_session()
         try:
             result = measure(
                 name, args.size, not args.headless, args.samples, args.train
             )
-            print(row(result), flush=True)
+            line = row(result)
+            figures.append(_figures(result))
         except Exception as error:  # one failing model must not end the run
-            print(f"| {name} | | | error: {type(error).__name__}: "
-                  f"{str(error).splitlines()[0][:150]} | | | | | | | | | | |",
-                  flush=True)
+            line = (f"| {name} | | | error: {type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:150]} | | | | | | | | | | |")
+            figures.append({"model": name, "error": str(error)})
+        print(line, flush=True)
+        lines.append(line)
+    if args.output:
+        write_results(
+            os.path.join(os.path.dirname(__file__), "results"),
+            args.output,
+            "\n".join(lines),
+            {"arguments": vars(args), "models": figures},
+        )
     return 0
+
+
+def _figures(result):
+    engines = result.pop("engines")
+    return dict(
+        result,
+        engines_agreement=engines.agreement[0],
+        engines_max_error_steps=engines.max_error_steps[0],
+    )
 
 
 if __name__ == "__main__":
