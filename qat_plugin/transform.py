@@ -266,7 +266,9 @@ class _Builder:
         self.names = {node.name for node in graph.nodes}
         self.scale_folds, self.folded_scales = self._plan_scale_folds()
         self.bias_folds = self._plan_bias_folds()
+        self.folded_additions = {id(add) for _, add in self.bias_folds.values()}
         self.input_scale_folds = self._plan_input_scale_folds()
+        self.aliases = self._plan_aliases()
         self.range_groups = self._plan_range_groups()
 
     def _unique(self, name):
@@ -381,20 +383,26 @@ class _Builder:
                 folds[id(reader)] = (float(np.reshape(layer.scale, ())), node)
         return folds
 
-    def _is_alias(self, node):
-        """True for a node that vanishes: its output is its input's tensor.
+    def _plan_aliases(self):
+        """Ids of the nodes that vanish: their output is their input's tensor.
 
         A scalar Rescaling folded into the kernel after it, a LayerScale
         folded into the one before it, an identity Rescaling/Normalization.
         """
-        return not self._is_float(node) and (
-            any(r is node for _, r in self.input_scale_folds.values())
-            or (
-                registry.policy_for(node.layer) == registry.CHANNEL_SCALE
-                and id(node) in self.folded_scales
+        folded_rescalings = {id(r) for _, r in self.input_scale_folds.values()}
+        return {
+            id(node)
+            for node in self.graph.nodes
+            if not self._is_float(node)
+            and (
+                id(node) in folded_rescalings
+                or (
+                    registry.policy_for(node.layer) == registry.CHANNEL_SCALE
+                    and id(node) in self.folded_scales
+                )
+                or _is_identity_affine(node)
             )
-            or _is_identity_affine(node)
-        )
+        }
 
     def _plan_range_groups(self):
         """Groups the tensors that must share one int8 scale.
@@ -432,7 +440,7 @@ class _Builder:
             if policy == registry.SHARED_SCALE:
                 link(list(node.inputs) + list(node.outputs))
                 owners.append(node)
-            elif self._is_alias(node) or (
+            elif id(node) in self.aliases or (
                 policy == registry.PASSTHROUGH and len(node.inputs) == 1
             ):
                 link(list(node.inputs) + list(node.outputs))
@@ -563,9 +571,9 @@ class _Builder:
         fusion = self.fusions.get(id(node))
         if fusion is not None and node is not fusion.head:
             return  # Built with its head.
-        if any(add is node for _, add in self.bias_folds.values()):
+        if id(node) in self.folded_additions:
             return  # Folded into the bias of the op before it.
-        if self._is_alias(node):
+        if id(node) in self.aliases:
             self.tensors[node.outputs[0]] = self.tensors[node.inputs[0]]
             return
         if self._is_float(node):
