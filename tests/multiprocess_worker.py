@@ -116,6 +116,12 @@ def main(out_dir, process_id, num_processes, port):
     }
     with open(os.path.join(folder, "info.json"), "w") as f:
         json.dump(info, f)
+    if num_processes > 1:
+        # An orderly shutdown (a barrier, then the coordinator stops). Left to
+        # interpreter exit, process 0 can tear its coordination service down
+        # while process 1 still has requests in flight, and gRPC aborts
+        # (seen once in CI: SIGABRT in grpc_core::Server::~Server).
+        jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
