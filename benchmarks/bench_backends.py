@@ -84,7 +84,7 @@ def _fit(model, x, y, batch_size):
 
 
 def _data(args):
-    from qat_plugin.datasets import fashion_mnist
+    from qat_plugin.data.datasets import fashion_mnist
 
     data = fashion_mnist(synthetic=False, download=False)
     n_float = args.float_steps * args.batch

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 import qat_plugin
-from qat_plugin.datasets import fashion_mnist
+from qat_plugin.data.datasets import fashion_mnist
 from _results import write_results
 
 L = keras.layers

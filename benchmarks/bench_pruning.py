@@ -63,7 +63,7 @@ def architecture(layers):
 
 def latency_us(data, use_xnnpack=True, runs=200):
     """Mean one-sample invoke time in microseconds, one thread."""
-    from qat_plugin.interpreter import make_interpreter
+    from qat_plugin.tflite.interpreter import make_interpreter
 
     interpreter = make_interpreter(data, num_threads=1, use_xnnpack=use_xnnpack)
     interpreter.allocate_tensors()
@@ -191,7 +191,7 @@ def run_tfmot(args, output_path):
     import tensorflow_model_optimization as tfmot
     import tf_keras
 
-    from qat_plugin.datasets import fashion_mnist
+    from qat_plugin.data.datasets import fashion_mnist
 
     data = fashion_mnist()
     x, y = data.x_train[: args.train_samples], data.y_train[: args.train_samples]
@@ -289,7 +289,7 @@ def main(argv=None):
         run_tfmot(args, args.tfmot_worker)
         return
 
-    from qat_plugin.datasets import fashion_mnist
+    from qat_plugin.data.datasets import fashion_mnist
     from _results import write_results
 
     data = fashion_mnist()

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 import qat_plugin  # noqa: E402
 from qat_plugin import recipes  # noqa: E402
-from qat_plugin.datasets import fashion_mnist  # noqa: E402
+from qat_plugin.data.datasets import fashion_mnist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _results import write_results  # noqa: E402

@@ -29,7 +29,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import qat_plugin  # noqa: E402
-from qat_plugin.datasets import fashion_mnist  # noqa: E402
+from qat_plugin.data.datasets import fashion_mnist  # noqa: E402
 from qat_plugin.callbacks import (  # noqa: E402
     QuantizationMonitor,
     QuantizationScheduler,

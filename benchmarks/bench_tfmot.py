@@ -45,8 +45,8 @@ import numpy as np
 
 import qat_plugin
 from qat_plugin.callbacks import QuantizationScheduler
-from qat_plugin.compare import measure_latency
-from qat_plugin.datasets import fashion_mnist
+from qat_plugin.analysis.compare import measure_latency
+from qat_plugin.data.datasets import fashion_mnist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

@@ -39,7 +39,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import qat_plugin  # noqa: E402
-from qat_plugin.datasets import fashion_mnist  # noqa: E402
+from qat_plugin.data.datasets import fashion_mnist  # noqa: E402
 from _results import write_results  # noqa: E402
 
 A = keras.applications

@@ -7,7 +7,7 @@ import numpy as np
 from keras import ops, tree
 
 from qat_plugin.callbacks.scheduler import current_phase
-from qat_plugin.export import quantized_layers
+from qat_plugin.layers.base import quantized_layers
 from qat_plugin.layers.base import activation_probe
 from qat_plugin.layers.linear import QuantizedLinear
 

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from qat_plugin.pruning import pruned_layers
+from qat_plugin.pruning.prune import pruned_layers
 from qat_plugin.sparsity import PruningSchedule
 
 

@@ -6,11 +6,9 @@ import numbers
 import keras
 from keras import ops
 
-from qat_plugin.export import quantized_layers
-from qat_plugin.layers.base import NEVER
+from qat_plugin.layers.base import quantized_layers
+from qat_plugin.config.constants import NEVER, SCHEDULE_POINTS, UNITS, check_freeze_points
 
-UNITS = ("step", "epoch")
-POINTS = ("quantize_start", "bn_freeze", "range_freeze")
 
 
 def calls_per_step(model):
@@ -171,16 +169,10 @@ class QuantizationScheduler(keras.callbacks.Callback):
                 "model always fake-quantizes eventually (use 0 to start at "
                 "once)."
             )
-        for name, value in zip(POINTS, (quantize_start, bn_freeze, range_freeze)):
+        for name, value in zip(SCHEDULE_POINTS, (quantize_start, bn_freeze, range_freeze)):
             _check_point(name, value, unit)
-        for name, value in (("bn_freeze", bn_freeze), ("range_freeze", range_freeze)):
-            if value is not None and value < quantize_start:
-                raise ValueError(
-                    f"QuantizationScheduler: {name}={value!r} comes before "
-                    f"quantize_start={quantize_start!r}; freezing only makes "
-                    "sense once fake-quant trains against the ranges and "
-                    f"folded weights. Set {name} >= quantize_start."
-                )
+        check_freeze_points(quantize_start, bn_freeze, range_freeze,
+                            where="QuantizationScheduler: ")
         if steps_per_epoch is not None and (
             not isinstance(steps_per_epoch, numbers.Integral) or steps_per_epoch < 1
         ):
@@ -257,7 +249,7 @@ class QuantizationScheduler(keras.callbacks.Callback):
             return
         end = current_phase(self.model)["step"] + epochs * steps_per_epoch
         for name, value, step in zip(
-            POINTS, (self.quantize_start, self.bn_freeze, self.range_freeze), schedule
+            SCHEDULE_POINTS, (self.quantize_start, self.bn_freeze, self.range_freeze), schedule
         ):
             if step != NEVER and step >= end:
                 raise ValueError(

@@ -4,11 +4,12 @@ import os
 
 import keras
 
-from qat_plugin.backend import is_primary_process
-from qat_plugin.compare import top1_accuracy
-from qat_plugin.export import export_tflite, is_quantized
+from qat_plugin.distribution import is_primary_process
+from qat_plugin.analysis.compare import top1_accuracy
+from qat_plugin.layers.base import is_quantized
+from qat_plugin.tflite.convert import export_tflite
 from qat_plugin.files import write_bytes_atomic
-from qat_plugin.interpreter import TFLiteModel
+from qat_plugin.tflite.interpreter import TFLiteModel
 
 MODES = ("auto", "min", "max")
 

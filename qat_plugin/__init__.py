@@ -32,37 +32,44 @@ The public API:
   `arena_plan` gives a microcontroller's activation memory.
 """
 
-from qat_plugin.calibration import calibrate
-from qat_plugin.compare import CandidateResult, ComparisonReport, compare
-from qat_plugin.export import ExportError, export_tflite, is_quantized
-from qat_plugin.graph import UnsupportedModelError
-from qat_plugin.inspect import TFLiteReport, inspect_tflite
-from qat_plugin.interpreter import TFLiteModel
-from qat_plugin.layers import (
-    FakeQuant,
-    LayerQuantization,
-    QuantizedBatchNormalization,
-    QuantizedLayer,
-    QuantizedLinear,
-    QuantizeOutputWrapper,
-)
-from qat_plugin.layers.pruned import PrunedLayer
-from qat_plugin.layerwise import LayerwiseReport, layerwise_error
-from qat_plugin.parity import (
+import warnings
+
+from qat_plugin import callbacks, recipes
+from qat_plugin.analysis import (
+    CandidateResult,
+    ComparisonReport,
+    LayerwiseReport,
     LocalParity,
     Parity,
+    compare,
+    layerwise_error,
     measure_local_parity,
     measure_parity,
 )
+from qat_plugin.errors import (
+    ExportError,
+    QATError,
+    RecipeError,
+    TensorFlowProcessError,
+    UnsupportedLayerError,
+    UnsupportedModelError,
+)
+from qat_plugin.layers.base import is_quantized
 from qat_plugin.pruning import prune_model, strip_pruning
-from qat_plugin.recipes import Recipe, RecipeError
-from qat_plugin.registry import register_layer
+from qat_plugin.quantize import calibrate, quantize_model
+from qat_plugin.recipes import Recipe
+from qat_plugin.registry import LayerQuantization, register_layer
 from qat_plugin.sparsity import ConstantSparsity, PolynomialDecay
-from qat_plugin.targets import ArenaPlan, TargetCheck, arena_plan, check_target
-from qat_plugin.transform import UnsupportedLayerError, quantize_model
-
-# Last: the callbacks import the engine above.
-from qat_plugin import callbacks, recipes  # noqa: E402  (qat_plugin.callbacks.X)
+from qat_plugin.tflite import (
+    ArenaPlan,
+    TargetCheck,
+    TFLiteModel,
+    TFLiteReport,
+    arena_plan,
+    check_target,
+    export_tflite,
+    inspect_tflite,
+)
 
 __version__ = "0.1.0"
 
@@ -72,26 +79,23 @@ __all__ = [
     "ComparisonReport",
     "ConstantSparsity",
     "ExportError",
-    "FakeQuant",
     "LayerQuantization",
     "LayerwiseReport",
     "LocalParity",
     "Parity",
     "PolynomialDecay",
-    "PrunedLayer",
-    "QuantizeOutputWrapper",
-    "QuantizedBatchNormalization",
-    "QuantizedLayer",
-    "QuantizedLinear",
+    "QATError",
     "Recipe",
     "RecipeError",
     "TFLiteModel",
     "TFLiteReport",
     "TargetCheck",
+    "TensorFlowProcessError",
     "UnsupportedLayerError",
     "UnsupportedModelError",
     "arena_plan",
     "calibrate",
+    "callbacks",
     "check_target",
     "compare",
     "export_tflite",
@@ -102,6 +106,31 @@ __all__ = [
     "measure_parity",
     "prune_model",
     "quantize_model",
+    "recipes",
     "register_layer",
     "strip_pruning",
 ]
+
+# Layer classes that 0.1 exported here; they live in `qat_plugin.layers`.
+_MOVED_TO_LAYERS = (
+    "FakeQuant",
+    "PrunedLayer",
+    "QuantizeOutputWrapper",
+    "QuantizedBatchNormalization",
+    "QuantizedLayer",
+    "QuantizedLinear",
+)
+
+
+def __getattr__(name):
+    if name in _MOVED_TO_LAYERS:
+        warnings.warn(
+            f"qat_plugin.{name} moved to qat_plugin.layers.{name}; import it "
+            "from there.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from qat_plugin import layers
+
+        return getattr(layers, name)
+    raise AttributeError(f"module 'qat_plugin' has no attribute {name!r}")

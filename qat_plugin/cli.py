@@ -101,7 +101,7 @@ def _load_npz(path, argument):
 
 
 def _inputs_from(arrays, model, path, prefix="x"):
-    from qat_plugin.batches import input_specs
+    from qat_plugin.data.batches import input_specs
 
     specs = input_specs(model)
     if len(specs) == 1 and prefix in arrays:
@@ -119,7 +119,7 @@ def _inputs_from(arrays, model, path, prefix="x"):
 
 def _compare_data(args, model):
     if args.data == "fashion_mnist":
-        from qat_plugin.datasets import fashion_mnist
+        from qat_plugin.data.datasets import fashion_mnist
 
         data = fashion_mnist()
         print(f"data: {data.source}", file=sys.stderr)
@@ -149,13 +149,13 @@ def _compare(args):
     import keras
 
     import qat_plugin
-    from qat_plugin.layerwise import layerwise_error
+    from qat_plugin.analysis.layerwise import layerwise_error
 
     model = keras.saving.load_model(args.model)
     qat_model = keras.saving.load_model(args.qat) if args.qat else None
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     eval_data, calibration = _compare_data(args, model)
-    report = qat_plugin.compare(
+    report = qat_plugin.analysis.compare(
         model,
         qat_model,
         eval_data=eval_data,
@@ -186,7 +186,7 @@ def _compare(args):
 
 
 def _inspect(args):
-    from qat_plugin.inspect import inspect_tflite
+    from qat_plugin.tflite.inspection import inspect_tflite
 
     report = inspect_tflite(args.model, targets=tuple(args.target or ()))
     if args.json:
@@ -267,7 +267,7 @@ def main(argv=None):
     qat-plugin: error: No .tflite file at /nonexistent.tflite.
     1
     """
-    from qat_plugin.export import ExportError
+    from qat_plugin.tflite.convert import ExportError
 
     args = _parser().parse_args(argv)
     _quiet_converter_logs()

@@ -18,14 +18,14 @@ import time
 import keras
 import numpy as np
 
-from qat_plugin.compare import compare
-from qat_plugin.datasets import fashion_mnist
+from qat_plugin.analysis.compare import compare
+from qat_plugin.data.datasets import fashion_mnist
 from qat_plugin.files import write_bytes_atomic
-from qat_plugin.layerwise import layerwise_error
-from qat_plugin.export import ExportError
-from qat_plugin.inspect import inspect_tflite
+from qat_plugin.analysis.layerwise import layerwise_error
+from qat_plugin.tflite.convert import ExportError
+from qat_plugin.tflite.inspection import inspect_tflite
 from qat_plugin.recipes import resolve
-from qat_plugin.targets import check_target
+from qat_plugin.tflite.targets import check_target
 
 DEMO_MODES = ("float", "dynamic", "float16", "int8", "int16x8")
 

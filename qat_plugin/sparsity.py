@@ -19,10 +19,7 @@ import keras
 import numpy as np
 from keras import ops
 
-# A step the schedule never reaches (int32 max).
-NEVER = 2**31 - 1
-
-UNSTRUCTURED = "unstructured"
+from qat_plugin.config.constants import NEVER, UNSTRUCTURED
 
 
 def _check_sparsity(name, value):

@@ -20,7 +20,7 @@ from qat_plugin.callbacks import (
     current_phase,
 )
 from qat_plugin.layers import QuantizedLinear
-from qat_plugin.layers.base import NEVER
+from qat_plugin.config.constants import NEVER
 
 BATCH = 4
 STEPS = 12

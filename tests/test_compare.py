@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import qat_plugin
-from qat_plugin.layerwise import error_stats, layerwise_error, ptq_local_error
+from qat_plugin.analysis.layerwise import error_stats, layerwise_error, ptq_local_error
 from tests.conftest import images, qat_fit
 
 L = keras.layers
@@ -36,7 +36,7 @@ def trained():
     )
     model.fit(x, y, epochs=2, batch_size=32, verbose=0)
     qat = qat_fit(model, x, y)
-    report = qat_plugin.compare(
+    report = qat_plugin.analysis.compare(
         model, qat, eval_data=(x, y), representative_data=x,
         modes=("float", "dynamic", "int8"), warmup_runs=1, latency_runs=5,
         batch_size=40,
@@ -99,7 +99,7 @@ def test_streamed_eval_data_and_user_metrics(trained):
     def mean_true_class_score(y_true, y_pred):
         return float(np.mean(y_pred[np.arange(len(y_true)), y_true]))
 
-    by_function = qat_plugin.compare(
+    by_function = qat_plugin.analysis.compare(
         model, eval_data=dataset, modes=("float",), metric=mean_true_class_score,
         latency_runs=2, warmup_runs=0,
     )
@@ -108,7 +108,7 @@ def test_streamed_eval_data_and_user_metrics(trained):
     assert by_function["float"].metric == pytest.approx(mean_true_class_score(y, outputs))
 
     metric = keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")
-    by_metric = qat_plugin.compare(
+    by_metric = qat_plugin.analysis.compare(
         model, eval_data=(x, y), modes=("float",), metric=metric, latency_runs=2
     )
     top2 = np.mean([label in np.argsort(o)[-2:] for o, label in zip(outputs, y)])
@@ -119,7 +119,7 @@ def test_streamed_eval_data_and_user_metrics(trained):
 
 def test_progress_bar_when_asked(trained, capsys):
     model, _, x, y, _ = trained
-    qat_plugin.compare(model, eval_data=(x, y), modes=("float",), batch_size=32,
+    qat_plugin.analysis.compare(model, eval_data=(x, y), modes=("float",), batch_size=32,
                        latency_runs=1, verbose=1)
     out = capsys.readouterr().out
     assert "Evaluating float" in out and "96/96" in out
@@ -128,15 +128,15 @@ def test_progress_bar_when_asked(trained, capsys):
 def test_bad_arguments_fail_before_any_export(trained):
     model, qat, x, y, _ = trained
     with pytest.raises(ValueError, match="targets are needed"):
-        qat_plugin.compare(model, eval_data=x, modes=("float",))
+        qat_plugin.analysis.compare(model, eval_data=x, modes=("float",))
     with pytest.raises(ValueError, match=r"modes \['int8'\] calibrate"):
-        qat_plugin.compare(model, eval_data=(x, y), modes=("int8",))
+        qat_plugin.analysis.compare(model, eval_data=(x, y), modes=("int8",))
     with pytest.raises(ValueError, match="unknown \\['int4'\\]"):
-        qat_plugin.compare(model, eval_data=(x, y), modes=("int4",))
+        qat_plugin.analysis.compare(model, eval_data=(x, y), modes=("int4",))
     with pytest.raises(ValueError, match="is a QAT model"):
-        qat_plugin.compare(qat, eval_data=(x, y), modes=("float",))
+        qat_plugin.analysis.compare(qat, eval_data=(x, y), modes=("float",))
     with pytest.raises(ValueError, match=r"96 samples but 95 targets"):
-        qat_plugin.compare(model, eval_data=(x, y[:-1]), modes=("float",))
+        qat_plugin.analysis.compare(model, eval_data=(x, y[:-1]), modes=("float",))
 
 
 def test_layerwise_error_matches_a_direct_computation(trained):

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from qat_plugin import datasets
+from qat_plugin.data import datasets
 
 
 def write_idx(path, array):

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import qat_plugin
-from qat_plugin.interpreter import make_interpreter
+from qat_plugin.tflite.interpreter import make_interpreter
 from tests.conftest import images
 
 L = keras.layers

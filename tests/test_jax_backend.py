@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import qat_plugin
-from qat_plugin.backend import export_on_tensorflow, run_on_tensorflow
+from qat_plugin.tflite.convert import export_on_tensorflow
+from qat_plugin.tflite.tensorflow_process import run_on_tensorflow
 from tests import backend_case
 from tests.tflite_parity import compare_tflite
 

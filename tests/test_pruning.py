@@ -13,7 +13,7 @@ from keras import ops
 import qat_plugin
 from qat_plugin import ConstantSparsity, PolynomialDecay, PrunedLayer
 from qat_plugin.callbacks import PruningScheduler, model_sparsity
-from qat_plugin.pruning import pruned_layers
+from qat_plugin.pruning.prune import pruned_layers
 from qat_plugin.sparsity import (
     holds_n_of_m,
     is_update_step,
@@ -439,7 +439,7 @@ def test_pruning_under_mirrored_strategy():
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import keras, numpy as np, qat_plugin
-        from qat_plugin.pruning import pruned_layers
+        from qat_plugin.pruning.prune import pruned_layers
         x = np.random.default_rng(0).random((64, 8), dtype=np.float32)
         y = (x.sum(axis=1) > 4).astype("int64")
         with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
@@ -467,7 +467,7 @@ def test_prune_and_qat_on_jax_then_export_on_tensorflow(tmp_path):
         f"""
         import keras, numpy as np, qat_plugin
         from qat_plugin.callbacks import PruningScheduler
-        from qat_plugin.pruning import pruned_layers
+        from qat_plugin.pruning.prune import pruned_layers
         assert keras.backend.backend() == "jax"
         rng = np.random.default_rng(0)
         x = rng.random((64, 8, 8, 4), dtype=np.float32)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import qat_plugin
-from qat_plugin.export import ExportError
-from qat_plugin.targets import (
+from qat_plugin.tflite.convert import ExportError
+from qat_plugin.tflite.targets import (
     ARENA_ALIGNMENT,
     TFLM_BUILTIN_OPS,
     arena_plan,

@@ -4,7 +4,7 @@ import dataclasses
 
 import numpy as np
 
-from qat_plugin.interpreter import TFLiteModel, make_interpreter
+from qat_plugin.tflite.interpreter import TFLiteModel, make_interpreter
 
 
 @dataclasses.dataclass

@@ -4,16 +4,17 @@ from qat_plugin.layers.activation import QuantizedSwish
 from qat_plugin.layers.affine import QuantizedAffine
 from qat_plugin.layers.base import QuantizedLayer
 from qat_plugin.layers.batch_norm import QuantizedBatchNormalization
-from qat_plugin.layers.custom import LayerQuantization, QuantizedCustomLayer
+from qat_plugin.layers.custom import QuantizedCustomLayer
 from qat_plugin.layers.fake_quant import FakeQuant
 from qat_plugin.layers.linear import QuantizedLinear
 from qat_plugin.layers.operation import OperationLayer
 from qat_plugin.layers.output_wrapper import QuantizeOutputWrapper
+from qat_plugin.layers.pruned import PrunedLayer
 
 __all__ = [
     "FakeQuant",
-    "LayerQuantization",
     "OperationLayer",
+    "PrunedLayer",
     "QuantizedAffine",
     "QuantizedBatchNormalization",
     "QuantizedCustomLayer",

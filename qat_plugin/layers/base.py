@@ -6,10 +6,9 @@ import threading
 import keras
 from keras import ops
 
+from qat_plugin.config.constants import NEVER
 from qat_plugin.quantizers import ActivationQuantizer, select
 
-# The step at which a switch never happens (int32 max).
-NEVER = 2**31 - 1
 # [quantize_start, bn_freeze, range_freeze]: quantize from the first step,
 # never freeze.
 DEFAULT_SCHEDULE = (0, NEVER, NEVER)
@@ -317,3 +316,13 @@ class QuantizedLayer(keras.layers.Layer):
             if config.get(key) is not None:
                 config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+def quantized_layers(model):
+    """Returns the `QuantizedLayer`s of a model built by `quantize_model`."""
+    return [layer for layer in model.layers if isinstance(layer, QuantizedLayer)]
+
+
+def is_quantized(model):
+    """True when `model` was built by `quantize_model`."""
+    return bool(quantized_layers(model))

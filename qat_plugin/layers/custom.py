@@ -1,87 +1,12 @@
 """A user's own layer, quantized as its registered `LayerQuantization` says."""
 
 import contextlib
-import dataclasses
 
 import keras
 from keras import ops
 
 from qat_plugin.layers.base import QuantizedLayer, is_exporting
 from qat_plugin.quantizers import fake_quant_weight
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerQuantization:
-    """Declares how a custom layer quantizes; pass it to `register_layer`.
-
-    The layer then becomes one int8 TFLite op (or a chain the converter
-    fuses into one): its declared weights are fake-quantized symmetrically
-    while it runs, and its output gets one fake-quant, unless it keeps its
-    input's scale (`passthrough`) or has a fixed output range.
-
-    Attributes:
-        weights: `{attribute name: axis}` for each weight the int8 kernel
-            stores as int8: `axis` is the per-channel axis (one scale per
-            index along it, e.g. `-1` for a `[in, out]` kernel), or None for
-            one scale per tensor. Weights not listed stay float in training
-            (biases: the converter makes them int32 itself).
-        quantize_output: give the output its own observed int8 range.
-        passthrough: the output keeps the input's scale and zero point
-            (reshapes, slicing, max pooling); implies no output fake-quant.
-        fixed_output_range: `(min, max)` the int8 kernel fixes for the
-            output (e.g. `(0.0, 255 / 256)` for a sigmoid-like output).
-
-    Example:
-
-    >>> import keras, qat_plugin
-    >>> @keras.saving.register_keras_serializable(package="doc")
-    ... class Scale(keras.layers.Layer):
-    ...     def build(self, input_shape):
-    ...         self.kernel = self.add_weight(shape=(input_shape[-1],))
-    ...     def call(self, x):
-    ...         return x * self.kernel
-    >>> qat_plugin.register_layer(
-    ...     Scale, qat_plugin.LayerQuantization(weights={"kernel": None}))
-    >>> model = keras.Sequential([keras.Input((3,)), Scale()])
-    >>> [type(l).__name__ for l in qat_plugin.quantize_model(model).layers][1:]
-    ['FakeQuant', 'QuantizedCustomLayer']
-    """
-
-    weights: dict = dataclasses.field(default_factory=dict)
-    quantize_output: bool = True
-    passthrough: bool = False
-    fixed_output_range: tuple = None
-
-    def __post_init__(self):
-        if not isinstance(self.weights, dict) or not all(
-            isinstance(k, str) and (v is None or isinstance(v, int))
-            for k, v in self.weights.items()
-        ):
-            raise TypeError(
-                "LayerQuantization.weights must map weight attribute names to "
-                f"a per-channel axis (int) or None, got {self.weights!r}."
-            )
-        if self.passthrough and (
-            self.weights or self.fixed_output_range is not None
-        ):
-            raise ValueError(
-                "LayerQuantization: a passthrough layer keeps its input's "
-                "scale, so it can have neither quantized weights nor a fixed "
-                "output range."
-            )
-        if self.fixed_output_range is not None:
-            low, high = self.fixed_output_range
-            if not low <= 0.0 <= high or low == high:
-                raise ValueError(
-                    "LayerQuantization.fixed_output_range must contain 0 and "
-                    f"be non-empty, got {self.fixed_output_range!r}."
-                )
-
-    @property
-    def has_output_quantizer(self):
-        return not self.passthrough and (
-            self.quantize_output or self.fixed_output_range is not None
-        )
 
 
 def _reduce_axes(name, shape, axis):

@@ -9,7 +9,7 @@ from qat_plugin.layers.base import (
     is_calibrating,
     is_exporting,
 )
-from qat_plugin.layers.linear_ops import linear_op_for
+from qat_plugin.registry import linear_op_for
 from qat_plugin.layers.pruned import PrunedLayer
 from qat_plugin.quantizers import fake_quant_weight, select
 

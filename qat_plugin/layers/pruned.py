@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from qat_plugin.layers.linear_ops import LINEAR_OPS, linear_op_for
+from qat_plugin.registry import linear_class_names, linear_op_for
 from qat_plugin.sparsity import (
     ConstantSparsity,
     PruningSchedule,
@@ -19,10 +19,6 @@ from qat_plugin.sparsity import (
 # The kernel axis N:M groups run along: input channels, second to last in
 # every Keras Conv/Dense kernel ([in, out], [*k, in, out], [*k, in, mult]).
 INPUT_CHANNEL_AXIS = -2
-
-
-def prunable_class_names():
-    return sorted({cls.__name__ for cls in LINEAR_OPS})
 
 
 class _KeepMasked:
@@ -93,7 +89,7 @@ class PrunedLayer(keras.layers.Layer):
             raise ValueError(
                 f"Layer '{layer.name}' ({type(layer).__name__}) has no kernel "
                 "to prune: pruning applies to the classes "
-                f"{prunable_class_names()}. Leave it out of prune_model "
+                f"{linear_class_names()}. Leave it out of prune_model "
                 f"(skip=['{layer.name}'])."
             )
         self.layer = layer
@@ -103,6 +99,11 @@ class PrunedLayer(keras.layers.Layer):
     @property
     def structure(self):
         return format_structure(self.pattern)
+
+    @property
+    def quantizes_as(self):
+        """The layer whose registry row applies: the one pruned."""
+        return self.layer
 
     # The transform reads these as it does on the wrapped layer.
     @property

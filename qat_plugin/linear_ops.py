@@ -7,7 +7,6 @@ scale, so that the scales are the ones the TFLite kernel uses (per output
 channel for CONV_2D, FULLY_CONNECTED and DEPTHWISE_CONV_2D).
 """
 
-import keras
 from keras import ops
 
 
@@ -124,21 +123,3 @@ class SeparableConvOp(LinearOp):
             padding="valid",
             data_format=layer.data_format,
         )
-
-
-# Exact classes only: a subclass may compute something else in `call`.
-LINEAR_OPS = {
-    keras.layers.Dense: DenseOp(),
-    keras.layers.Conv1D: ConvOp(),
-    keras.layers.Conv2D: ConvOp(),
-    keras.layers.Conv3D: ConvOp(),
-    keras.layers.DepthwiseConv1D: DepthwiseConvOp(),
-    keras.layers.DepthwiseConv2D: DepthwiseConvOp(),
-    keras.layers.SeparableConv1D: SeparableConvOp(),
-    keras.layers.SeparableConv2D: SeparableConvOp(),
-}
-
-
-def linear_op_for(layer):
-    """Returns the `LinearOp` for `layer`'s class, or None."""
-    return LINEAR_OPS.get(type(layer))

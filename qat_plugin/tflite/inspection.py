@@ -6,9 +6,9 @@ import gzip
 
 import numpy as np
 
-from qat_plugin.interpreter import load_model_bytes, make_interpreter
+from qat_plugin.tflite.interpreter import load_model_bytes, make_interpreter
 from qat_plugin.sparsity import holds_n_of_m
-from qat_plugin.targets import TARGETS, check_target
+from qat_plugin.tflite.targets import TARGETS, check_target
 
 # Ops that only convert between float and integer tensors.
 CONVERSION_OPS = ("QUANTIZE", "DEQUANTIZE")
@@ -220,7 +220,7 @@ def inspect_tflite(model, targets=()):
             `"mcu"` (or `"all"`): `report.target(name)` then says whether
             the model meets each, which ops stand in the way, which ops
             XNNPACK leaves to TFLite's kernels (cpu) and the tensor arena a
-            microcontroller needs (mcu). See `qat_plugin.targets`.
+            microcontroller needs (mcu). See `qat_plugin.tflite.targets`.
 
     Returns:
         A `TFLiteReport`; `str(report)` is a readable table, and

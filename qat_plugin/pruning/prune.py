@@ -3,10 +3,10 @@
 import keras
 from keras.src.saving import serialization_lib
 
-from qat_plugin.graph import LayerGraph
+from qat_plugin.quantize.graph import LayerGraph
 from qat_plugin.layers.linear import QuantizedLinear
-from qat_plugin.layers.linear_ops import linear_op_for
-from qat_plugin.layers.pruned import PrunedLayer, prunable_class_names
+from qat_plugin.layers.pruned import PrunedLayer
+from qat_plugin.registry import linear_class_names, linear_op_for
 from qat_plugin.sparsity import (
     ConstantSparsity,
     PruningSchedule,
@@ -87,7 +87,7 @@ def prune_model(model, sparsity=None, *, structure="unstructured", schedule=None
             raise ValueError(
                 f"per_layer names layer '{name}' "
                 f"({type(layers[name]).__name__}), which has no kernel to "
-                f"prune: prunable classes are {prunable_class_names()}."
+                f"prune: prunable classes are {linear_class_names()}."
             )
     defaults = {"sparsity": sparsity, "structure": structure, "schedule": schedule}
     plans = {}
@@ -99,7 +99,7 @@ def prune_model(model, sparsity=None, *, structure="unstructured", schedule=None
     if not plans:
         raise ValueError(
             f"Model '{model.name}' has no layer to prune: prunable classes "
-            f"are {prunable_class_names()}, minus skip={sorted(skip)}."
+            f"are {linear_class_names()}, minus skip={sorted(skip)}."
         )
     copies = []
 

@@ -35,7 +35,7 @@ import io
 
 import numpy as np
 
-from qat_plugin.interpreter import load_model_bytes, make_interpreter
+from qat_plugin.tflite.interpreter import load_model_bytes, make_interpreter
 
 TARGETS = ("cpu", "gpu", "mcu")
 

@@ -11,11 +11,12 @@ import time
 import keras
 import numpy as np
 
-from qat_plugin.batches import labelled_arrays, model_call_inputs
-from qat_plugin.export import CALIBRATED_MODES, MODES, export_tflite, is_quantized
+from qat_plugin.data.batches import labelled_arrays, model_call_inputs
+from qat_plugin.layers.base import is_quantized
+from qat_plugin.tflite.convert import CALIBRATED_MODES, MODES, export_tflite
 from qat_plugin.files import write_bytes_atomic
-from qat_plugin.inspect import inspect_tflite
-from qat_plugin.interpreter import TFLiteModel
+from qat_plugin.tflite.inspection import inspect_tflite
+from qat_plugin.tflite.interpreter import TFLiteModel
 
 DEFAULT_MODES = ("float", "dynamic", "float16", "int8")
 # Evaluation longer than this (estimated after the first batch) shows a
@@ -409,7 +410,7 @@ def compare(
     >>> import keras, numpy as np, qat_plugin
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     >>> x, y = np.random.rand(64, 4).astype("float32"), np.arange(64) % 3
-    >>> report = qat_plugin.compare(model, eval_data=(x, y),
+    >>> report = qat_plugin.analysis.compare(model, eval_data=(x, y),
     ...     representative_data=x, modes=("float", "int8"), latency_runs=5)
     >>> [row.name for row in report.rows]
     ['float', 'ptq-int8']

@@ -8,28 +8,18 @@ import keras
 import numpy as np
 from keras import tree
 
-from qat_plugin.batches import calibration_samples, model_call_inputs
+from qat_plugin.data.batches import calibration_samples, model_call_inputs
 from qat_plugin.files import write_bytes_atomic
-from qat_plugin.layers.base import QuantizedLayer, export_mode
-from qat_plugin.targets import TARGETS, check_target
+from qat_plugin.distribution import is_primary_process
+from qat_plugin.layers.base import export_mode, is_quantized, quantized_layers
+from qat_plugin.tflite.tensorflow_process import run_on_tensorflow
+from qat_plugin.tflite.targets import TARGETS, check_target
+from qat_plugin.errors import ExportError
 
 MODES = ("float", "dynamic", "float16", "int8", "int16x8")
 # The PTQ modes whose activation ranges come from calibration data.
 CALIBRATED_MODES = ("int8", "int16x8")
 
-
-class ExportError(RuntimeError):
-    """The model cannot be exported as asked."""
-
-
-def quantized_layers(model):
-    """Returns the `QuantizedLayer`s of a model built by `quantize_model`."""
-    return [layer for layer in model.layers if isinstance(layer, QuantizedLayer)]
-
-
-def is_quantized(model):
-    """True when `model` was built by `quantize_model`."""
-    return bool(quantized_layers(model))
 
 
 def export_tflite(
@@ -86,7 +76,7 @@ def export_tflite(
             them (FULLY_CONNECTED inputs not a multiple of 16) an
             `ExportError` says so. Zeros are kept without this option.
         target: a deployment target, `"cpu"`, `"gpu"` or `"mcu"` (see
-            `qat_plugin.targets`): the converted model is checked against it
+            `qat_plugin.tflite.targets`): the converted model is checked against it
             and an `ExportError` lists the offending ops when it falls short.
             Nothing is written then.
         allow_select_tf_ops: let ops with no TFLite builtin (in a float
@@ -113,8 +103,6 @@ def export_tflite(
     """
     if keras.backend.backend() != "tensorflow":
         # The converter needs TensorFlow graphs: rebuild the model there.
-        from qat_plugin.backend import export_on_tensorflow
-
         return export_on_tensorflow(
             model,
             path,
@@ -164,6 +152,19 @@ def export_tflite(
     return data
 
 
+def export_on_tensorflow(model, path=None, **export_kwargs):
+    """`export_tflite` for a model on a non-TensorFlow backend.
+
+    Converts in a TensorFlow child process; writes `path` (atomically) only
+    in process 0 when several JAX processes train the model together, and
+    returns the .tflite bytes in every process.
+    """
+    data = run_on_tensorflow(export_tflite, model, **export_kwargs)
+    if path is not None and is_primary_process():
+        write_bytes_atomic(path, data)
+    return data
+
+
 def _frozen_function(model):
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (
@@ -207,7 +208,7 @@ def _sparse_encoded(model, dense, allow_select_tf_ops=False):
     multiple of the converter's 1x16 block, the sparse encoding keeps only
     part of the weights; such a file is refused, not returned.
     """
-    from qat_plugin.inspect import inspect_tflite
+    from qat_plugin.tflite.inspection import inspect_tflite
 
     sparse = _convert_qat(
         model, sparse_weights=True, allow_select_tf_ops=allow_select_tf_ops
@@ -262,7 +263,7 @@ def _converted(converter, model, allow_select_tf_ops):
 
 
 def _warn_select_tf_ops(model, data):
-    from qat_plugin.targets import arena_plan, flex_ops
+    from qat_plugin.tflite.targets import arena_plan, flex_ops
 
     ops = flex_ops(data)
     if ops:

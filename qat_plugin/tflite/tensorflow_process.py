@@ -9,9 +9,6 @@ it), rebuilt in a child Python process started with
 cross the process boundary as pickles in a temporary folder that is removed
 afterwards.
 
-With several JAX processes (`jax.distributed`), every process holds the
-same replicated weights and converts the same model, and only process 0
-writes the exported file.
 """
 
 import importlib
@@ -23,6 +20,7 @@ import sys
 import tempfile
 
 import keras
+from qat_plugin.errors import TensorFlowProcessError
 
 # The child returns one of these tags with its payload.
 _RESULT = "result"
@@ -31,36 +29,10 @@ _ERROR = "error"
 TENSORFLOW_REQUIREMENT = "tensorflow>=2.18"
 
 _CHILD_COMMAND = (
-    "import sys; from qat_plugin.backend import _child_main; "
+    "import sys; from qat_plugin.tflite.tensorflow_process import _child_main; "
     "_child_main(*sys.argv[1:])"
 )
 
-
-class TensorFlowBackendError(RuntimeError):
-    """The TensorFlow child process could not run or crashed."""
-
-
-def process_index():
-    """This process's index among the processes training one model (0 if one).
-
-    On the JAX backend with `jax.distributed.initialize`, the JAX process
-    index; otherwise 0.
-
-    Example:
-
-    >>> process_index()
-    0
-    """
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.process_index()
-    return 0
-
-
-def is_primary_process():
-    """True in the one process that writes files (process 0)."""
-    return process_index() == 0
 
 
 def require_tensorflow(action):
@@ -146,7 +118,7 @@ def run_on_tensorflow(function, model, *args, **kwargs):
             text=True,
         )
         if not os.path.exists(result_path):
-            raise TensorFlowBackendError(
+            raise TensorFlowProcessError(
                 f"The TensorFlow process running {module}.{name} exited with "
                 f"status {completed.returncode} and no result. Its output "
                 f"ended with:\n{completed.stderr[-4000:]}"
@@ -155,7 +127,7 @@ def run_on_tensorflow(function, model, *args, **kwargs):
             tag, payload = pickle.load(f)
     if tag == _ERROR:
         error, child_traceback = payload
-        raise error from TensorFlowBackendError(
+        raise error from TensorFlowProcessError(
             f"Raised in the TensorFlow process:\n{child_traceback}"
         )
     return payload
@@ -190,7 +162,7 @@ def _child_main(model_path, call_path, result_path):
         layer_modules, module, name, args, kwargs = pickle.load(f)
     try:
         if keras.backend.backend() != "tensorflow":
-            raise TensorFlowBackendError(
+            raise TensorFlowProcessError(
                 "The export process expected KERAS_BACKEND=tensorflow but "
                 f"Keras runs on '{keras.backend.backend()}'."
             )
@@ -208,23 +180,7 @@ def _child_main(model_path, call_path, result_path):
         try:
             pickle.dumps(error)
         except Exception:
-            error = TensorFlowBackendError(f"{type(error).__name__}: {error}")
+            error = TensorFlowProcessError(f"{type(error).__name__}: {error}")
         outcome = (_ERROR, (error, details))
     with open(result_path, "wb") as f:
         pickle.dump(outcome, f)
-
-
-def export_on_tensorflow(model, path=None, **export_kwargs):
-    """`export_tflite` for a model on a non-TensorFlow backend.
-
-    Converts in a TensorFlow child process; writes `path` (atomically) only
-    in process 0 when several JAX processes train the model together, and
-    returns the .tflite bytes in every process.
-    """
-    from qat_plugin.export import export_tflite
-    from qat_plugin.files import write_bytes_atomic
-
-    data = run_on_tensorflow(export_tflite, model, **export_kwargs)
-    if path is not None and is_primary_process():
-        write_bytes_atomic(path, data)
-    return data

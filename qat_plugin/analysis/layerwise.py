@@ -33,11 +33,11 @@ import keras
 import numpy as np
 from keras import tree
 
-from qat_plugin.batches import calibration_samples, model_call_inputs
-from qat_plugin.export import CALIBRATED_MODES, float_converter
-from qat_plugin.fusion import find_fusions
-from qat_plugin.graph import LayerGraph
-from qat_plugin.interpreter import TFLiteModel, dequantize_array, load_model_bytes
+from qat_plugin.data.batches import calibration_samples, model_call_inputs
+from qat_plugin.tflite.convert import CALIBRATED_MODES, float_converter
+from qat_plugin.quantize.fusion import find_fusions
+from qat_plugin.quantize.graph import LayerGraph
+from qat_plugin.tflite.interpreter import TFLiteModel, dequantize_array, load_model_bytes
 
 
 @dataclasses.dataclass(frozen=True)

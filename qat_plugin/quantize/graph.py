@@ -15,10 +15,8 @@ import dataclasses
 
 import keras
 from keras.src.models.functional import Functional
+from qat_plugin.errors import UnsupportedModelError
 
-
-class UnsupportedModelError(TypeError):
-    """The model is not a Keras 3 Functional or Sequential model."""
 
 
 @dataclasses.dataclass(eq=False)

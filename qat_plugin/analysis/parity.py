@@ -12,9 +12,9 @@ import dataclasses
 import keras
 import numpy as np
 
-from qat_plugin.graph import LayerGraph
-from qat_plugin.interpreter import TFLiteModel, dequantize_array, quantize_array
-from qat_plugin.layerwise import _LayerMatcher
+from qat_plugin.quantize.graph import LayerGraph
+from qat_plugin.tflite.interpreter import TFLiteModel, dequantize_array, quantize_array
+from qat_plugin.analysis.layerwise import _LayerMatcher
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,15 +30,9 @@ class Fusion:
         return [n for n in (self.batch_norm, self.activation) if n is not None]
 
 
-# Weightless layers whose TFLite op takes a fused activation.
-_ACTIVATION_HEAD_CLASSES = ("Add", "Subtract", "Multiply")
-
-
 def _accepts_activation(node):
-    policy = registry.policy_for(node.layer)
-    if policy in (registry.LINEAR, registry.BATCH_NORM, registry.SCALED_ADD):
-        return True
-    return policy == registry.OUTPUT and type(node.layer).__name__ in _ACTIVATION_HEAD_CLASSES
+    spec = registry.spec_for(node.layer)
+    return spec is not None and spec.fuses_activation
 
 
 def _folds_into(graph, head, bn_node):

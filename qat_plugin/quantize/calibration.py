@@ -2,14 +2,14 @@
 
 from keras import tree
 
-from qat_plugin.batches import (
+from qat_plugin.data.batches import (
     input_arrays,
     input_specs,
     is_in_memory,
     split_element,
     stream,
 )
-from qat_plugin.export import is_quantized
+from qat_plugin.layers.base import is_quantized
 from qat_plugin.layers.base import calibration_mode
 
 

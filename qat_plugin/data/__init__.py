@@ -1,0 +1,1 @@
+"""Reading calibration and evaluation data; the Fashion-MNIST demo data."""

@@ -1,0 +1,6 @@
+"""Quantize a Keras model for QAT: graph, fusion, planning, building, calibration."""
+
+from qat_plugin.quantize.calibration import calibrate
+from qat_plugin.quantize.transform import quantize_model
+
+__all__ = ["calibrate", "quantize_model"]

@@ -1,0 +1,95 @@
+"""`quantize_model`: rebuilds a Keras 3 model with fake-quant for QAT."""
+
+import keras
+
+from qat_plugin import registry
+from qat_plugin.config import resolve
+from qat_plugin.errors import UnsupportedLayerError
+from qat_plugin.quantize.build import Builder
+from qat_plugin.quantize.graph import LayerGraph
+from qat_plugin.quantize.plan import make_plan
+
+
+def quantize_model(model, recipe="int8", *, skip=()):
+    """Returns a copy of `model` ready for quantization-aware training.
+
+    The copy computes what the fully-int8 TFLite model will compute: one
+    fake-quant on each tensor that is int8 on the device and none elsewhere.
+    Conv/Dense kernels are folded with the BatchNormalization after them and
+    fake-quantized per output channel; ReLU/ReLU6 are fused into the op
+    before them; the tensors around a Concatenate, Maximum or Minimum
+    share one range (a `RangeGroup`); pooling, reshapes and padding keep
+    their input's range. Nested models are
+    inlined, shared layers stay shared. `keras.ops` calls that a Functional
+    model records (`x + 3.0`, `ops.silu(x)`) quantize like the matching
+    layers, and constants the converter folds into a Conv/Dense (a
+    following `+ c`, Inception-ResNet's residual scale, ConvNeXt's
+    LayerScale) are folded into its quantized weights here too. Custom
+    layers quantize as declared with `register_layer`. `model` and its
+    weights are not changed. Train the copy with `fit` (a small learning
+    rate, starting from the trained float weights), or set its ranges with
+    `calibrate`, then export it with `export_tflite`.
+
+    Args:
+        model: a Keras 3 Sequential or Functional model (nested models,
+            shared layers and several inputs/outputs are fine).
+        recipe: a built-in recipe name (see `qat_plugin.recipes.names()`),
+            a path to a recipe TOML file, or a `Recipe`.
+        skip: names of layers to keep out of QAT (no fake-quant, no
+            fusion). The export holds a float island with QUANTIZE /
+            DEQUANTIZE around it wherever a skipped layer's output feeds
+            another skipped layer; a lone skipped op between two int8
+            tensors the converter still quantizes on its own (with
+            post-training weight scales). `inspect_tflite(...).float_ops`
+            lists what stays float.
+
+    Returns:
+        A new Functional `keras.Model`.
+
+    Example:
+
+    >>> import keras, qat_plugin
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 1)),
+    ...     keras.layers.Conv2D(4, 3),
+    ...     keras.layers.BatchNormalization(),
+    ...     keras.layers.ReLU(),
+    ...     keras.layers.GlobalAveragePooling2D(),
+    ...     keras.layers.Dense(2),
+    ... ])
+    >>> qat = qat_plugin.quantize_model(model)
+    >>> [type(layer).__name__ for layer in qat.layers][1:]
+    ['FakeQuant', 'QuantizedLinear', 'QuantizeOutputWrapper', 'QuantizedLinear']
+    """
+    scheme = resolve(recipe).quantization
+    graph = LayerGraph.from_model(model)
+    skip = set(skip)
+    known = {node.name for node in graph.nodes}
+    unknown = sorted(skip - known)
+    if unknown:
+        raise ValueError(
+            f"skip names layers that are not in model '{model.name}': "
+            f"{unknown}. Layer names: {sorted(known)}."
+        )
+    _check_registered(graph, skip)
+    return Builder(make_plan(graph, skip), scheme).build()
+
+
+def _check_registered(graph, skip):
+    for node in graph.nodes:
+        if node.name in skip or registry.policy_for(node.layer) is not None:
+            continue
+        layer = node.layer
+        kind = (
+            "a keras.ops call recorded by the Functional API"
+            if not isinstance(layer, keras.layers.Layer)
+            else f"class {type(layer).__module__}.{type(layer).__name__}"
+        )
+        raise UnsupportedLayerError(
+            f"Layer '{layer.name}' ({kind}) has no quantization policy. Keep "
+            f"it in float with quantize_model(..., skip=['{layer.name}']), or "
+            f"declare how it quantizes with qat_plugin.register_layer("
+            f"{type(layer).__name__}, policy) where policy is a "
+            "qat_plugin.LayerQuantization(weights=..., ...) or one of "
+            "'passthrough', 'output', 'shared_scale', 'float'."
+        )
