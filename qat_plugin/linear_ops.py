@@ -10,6 +10,23 @@ channel for CONV_2D, FULLY_CONNECTED and DEPTHWISE_CONV_2D).
 from keras import ops
 
 
+def channel_vector(vector, rank, axis):
+    """Shapes a per-channel `vector` to broadcast along `axis` of a rank-`rank` tensor.
+
+    Example:
+
+    >>> import numpy as np
+    >>> tuple(channel_vector(np.ones(3), 4, 1).shape)
+    (1, 3, 1, 1)
+    """
+    axis = axis % rank
+    if axis == rank - 1:
+        return vector
+    shape = [1] * rank
+    shape[axis] = -1
+    return ops.reshape(vector, shape)
+
+
 class LinearOp:
     """Base: one kernel named `kernel`, output channels on the last axis."""
 
@@ -42,12 +59,7 @@ class LinearOp:
 
     def add_channel_vector(self, layer, x, vector):
         """Adds a per-output-channel vector (a bias) to the op's result."""
-        axis = self.channel_axis(layer)
-        if axis == -1 or axis == len(x.shape) - 1:
-            return x + vector
-        shape = [1] * len(x.shape)
-        shape[axis] = -1
-        return x + ops.reshape(vector, shape)
+        return x + channel_vector(vector, len(x.shape), self.channel_axis(layer))
 
 
 class DenseOp(LinearOp):

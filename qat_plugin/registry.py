@@ -70,7 +70,6 @@ from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
 
-from qat_plugin.config.constants import FUSED_ACTIVATIONS
 from qat_plugin.linear_ops import ConvOp, DenseOp, DepthwiseConvOp, LinearOp, SeparableConvOp
 
 LINEAR = "linear"
@@ -91,9 +90,6 @@ POLICIES = (
 )
 # The policies `register_layer` takes by name.
 REGISTRABLE_POLICIES = (PASSTHROUGH, OUTPUT, SHARED_SCALE, FLOAT)
-
-# Re-exported: TFLite fuses these into the op before them.
-FUSABLE_ACTIVATIONS = FUSED_ACTIVATIONS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -223,7 +223,7 @@ def test_concatenation_chain_exports_one_scale_and_stays_shared_when_loaded(
     _, qat, x, data = _export("pooled_concatenation")
     report = qat_plugin.inspect_tflite(data)
     assert "QUANTIZE" not in report.op_counts
-    interpreter = qat_plugin.interpreter.make_interpreter(data)
+    interpreter = qat_plugin.tflite.interpreter.make_interpreter(data)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     chain = {
         tensors[i]["quantization"]

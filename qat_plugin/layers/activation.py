@@ -65,12 +65,7 @@ class QuantizedSwish(QuantizedLayer):
             self.gate_quantizer, ops.sigmoid(inputs), quantize, ranges_frozen,
             training,
         )
-        outputs = self._quantize_activation(
-            self.output_quantizer, inputs * gate, quantize, ranges_frozen,
-            training,
-        )
-        self._advance(training)
-        return outputs
+        return self._finish(inputs * gate, quantize, ranges_frozen, training)
 
     def compute_output_shape(self, input_shape):
         return input_shape

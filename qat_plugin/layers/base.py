@@ -6,7 +6,7 @@ import threading
 import keras
 from keras import ops
 
-from qat_plugin.config.constants import NEVER
+from qat_plugin.config.constants import FUSED_ACTIVATIONS, NEVER
 from qat_plugin.quantizers import ActivationQuantizer, select
 
 # [quantize_start, bn_freeze, range_freeze]: quantize from the first step,
@@ -41,10 +41,44 @@ def static_phase(schedule, step, steps_ahead=None):
     return tuple(settled)
 
 
+# Activations TFLite fuses into the op before them, as functions.
+FUSED_ACTIVATION_FUNCTIONS = dict(zip(FUSED_ACTIVATIONS, (None, ops.relu, ops.relu6)))
+
+
+def check_fused_activation(layer_name, activation):
+    """Raises unless `activation` is one TFLite fuses into the op."""
+    if activation not in FUSED_ACTIVATION_FUNCTIONS:
+        raise ValueError(
+            f"Layer '{layer_name}': activation {activation!r} cannot be "
+            f"fused; expected one of {sorted(FUSED_ACTIVATION_FUNCTIONS)}."
+        )
+
+
+def update_moving_statistics(bn, mean, variance, frozen):
+    """Moves a BatchNormalization's statistics towards a batch's, unless frozen.
+
+    `frozen` is a Python bool or a boolean tensor decided in-graph: the
+    variables are always assigned, to themselves while frozen.
+    """
+    for variable, value in ((bn.moving_mean, mean), (bn.moving_variance, variance)):
+        updated = variable * bn.momentum + ops.stop_gradient(value) * (1 - bn.momentum)
+        variable.assign(select(frozen, ops.convert_to_tensor(variable), updated))
+
+
 _mode = threading.local()
 
 
 @contextlib.contextmanager
+def _mode_flag(name):
+    """Sets the thread's mode flag `name` while the context is open."""
+    previous = getattr(_mode, name, False)
+    setattr(_mode, name, True)
+    try:
+        yield
+    finally:
+        setattr(_mode, name, previous)
+
+
 def export_mode():
     """Traces quantized layers with their int weights baked in as constants.
 
@@ -55,27 +89,16 @@ def export_mode():
     writes them with exactly those scales; this also sidesteps the
     converter's failure on per-channel fake-quant of FULLY_CONNECTED weights.
     """
-    previous = getattr(_mode, "exporting", False)
-    _mode.exporting = True
-    try:
-        yield
-    finally:
-        _mode.exporting = previous
+    return _mode_flag("exporting")
 
 
-@contextlib.contextmanager
 def calibration_mode():
     """Runs quantized layers in inference mode while their observers update.
 
     Used by `qat_plugin.calibrate`: BatchNormalization statistics and the
     schedule stay as they are, activation ranges learn from the data.
     """
-    previous = getattr(_mode, "calibrating", False)
-    _mode.calibrating = True
-    try:
-        yield
-    finally:
-        _mode.calibrating = previous
+    return _mode_flag("calibrating")
 
 
 @contextlib.contextmanager
@@ -277,6 +300,17 @@ class QuantizedLayer(keras.layers.Layer):
         # An observer that has just seen this batch always has a range.
         enabled = quantize if observing else ops.logical_and(quantize, quantizer.observed)
         return select(enabled, quantizer.simulate(x, range_min, range_max), x)
+
+    def _finish(self, outputs, quantize, ranges_frozen, training, activation="linear"):
+        """The tail of every `call`: fused activation, output fake-quant, step."""
+        function = FUSED_ACTIVATION_FUNCTIONS[activation]
+        if function is not None:
+            outputs = function(outputs)
+        outputs = self._quantize_activation(
+            self.output_quantizer, outputs, quantize, ranges_frozen, training
+        )
+        self._advance(training)
+        return outputs
 
     def export_constants(self):
         """Returns the NumPy constants this layer exports with (or None)."""

@@ -6,9 +6,11 @@ from keras import ops
 from qat_plugin.layers.base import (
     QuantizedLayer,
     build_replica_synced,
+    check_fused_activation,
     is_exporting,
+    update_moving_statistics,
 )
-from qat_plugin.layers.linear import FUSED_ACTIVATIONS, check_fused_activation
+from qat_plugin.linear_ops import channel_vector
 from qat_plugin.quantizers import select
 
 
@@ -60,14 +62,6 @@ class QuantizedBatchNormalization(QuantizedLayer):
     def activation_quantizers(self):
         return [self.scale_quantizer, self.output_quantizer]
 
-    def _broadcast(self, vector, rank):
-        axis = self.layer.axis % rank
-        if axis == rank - 1:
-            return vector
-        shape = [1] * rank
-        shape[axis] = -1
-        return ops.reshape(vector, shape)
-
     def _affine(self, mean, variance):
         bn = self.layer
         scale = ops.rsqrt(variance + bn.epsilon)
@@ -103,29 +97,13 @@ class QuantizedBatchNormalization(QuantizedLayer):
                 batch_scale, batch_shift = self._affine(mean, variance)
                 scale = select(bn_frozen, scale, batch_scale)
                 shift = select(bn_frozen, shift, batch_shift)
-                for variable, value in (
-                    (bn.moving_mean, mean),
-                    (bn.moving_variance, variance),
-                ):
-                    updated = variable * bn.momentum + ops.stop_gradient(
-                        value
-                    ) * (1 - bn.momentum)
-                    variable.assign(
-                        select(bn_frozen, ops.convert_to_tensor(variable), updated)
-                    )
-        outputs = inputs * self._broadcast(scale, rank)
+                update_moving_statistics(bn, mean, variance, bn_frozen)
+        outputs = inputs * channel_vector(scale, rank, bn.axis)
         outputs = self._quantize_activation(
             self.scale_quantizer, outputs, quantize, ranges_frozen, training
         )
-        outputs = outputs + self._broadcast(shift, rank)
-        activation = FUSED_ACTIVATIONS[self.activation]
-        if activation is not None:
-            outputs = activation(outputs)
-        outputs = self._quantize_activation(
-            self.output_quantizer, outputs, quantize, ranges_frozen, training
-        )
-        self._advance(training)
-        return outputs
+        outputs = outputs + channel_vector(shift, rank, bn.axis)
+        return self._finish(outputs, quantize, ranges_frozen, training, self.activation)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -162,12 +162,10 @@ class QuantizedCustomLayer(QuantizedLayer):
             }
         with _substituted(self.layer, values):
             outputs = self.layer.call(inputs)
-        if self.output_quantizer is not None:
-            outputs = self._quantize_activation(
-                self.output_quantizer, outputs, quantize, ranges_frozen, training
-            )
-        self._advance(training)
-        return outputs
+        if self.output_quantizer is None:
+            self._advance(training)
+            return outputs
+        return self._finish(outputs, quantize, ranges_frozen, training)
 
     def get_config(self):
         config = super().get_config()

@@ -44,11 +44,7 @@ class FakeQuant(QuantizedLayer):
 
     def call(self, inputs, training=False):
         quantize, _, ranges_frozen = self._phase(training)
-        outputs = self._quantize_activation(
-            self.output_quantizer, inputs, quantize, ranges_frozen, training
-        )
-        self._advance(training)
-        return outputs
+        return self._finish(inputs, quantize, ranges_frozen, training)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -6,26 +6,15 @@ from keras import ops
 from qat_plugin.layers.base import (
     QuantizedLayer,
     build_replica_synced,
+    check_fused_activation,
+    update_moving_statistics,
     is_calibrating,
     is_exporting,
 )
+from qat_plugin.linear_ops import channel_vector
 from qat_plugin.registry import linear_op_for
 from qat_plugin.layers.pruned import PrunedLayer
 from qat_plugin.quantizers import fake_quant_weight, select
-
-# Activations that TFLite fuses into CONV_2D, DEPTHWISE_CONV_2D,
-# FULLY_CONNECTED, ADD and MUL: no fake-quant between op and activation.
-FUSED_ACTIVATIONS = {"linear": None, "relu": ops.relu, "relu6": ops.relu6}
-
-
-def check_fused_activation(layer_name, activation):
-    """Raises unless `activation` is one TFLite fuses into the op."""
-    if activation not in FUSED_ACTIVATIONS:
-        raise ValueError(
-            f"Layer '{layer_name}': activation {activation!r} cannot be "
-            f"fused; expected one of {sorted(FUSED_ACTIVATIONS)}."
-        )
-
 
 def _safe_divisor(x, epsilon=1e-12):
     return ops.where(ops.abs(x) < epsilon, epsilon, x)
@@ -224,12 +213,7 @@ class QuantizedLinear(QuantizedLayer):
         return self.linear_op.add_channel_vector(self.layer, x, vector)
 
     def _scale_channels(self, x, vector):
-        axis = self.linear_op.channel_axis(self.layer)
-        if axis == -1 or axis == len(x.shape) - 1:
-            return x * vector
-        shape = [1] * len(x.shape)
-        shape[axis] = -1
-        return x * ops.reshape(vector, shape)
+        return x * channel_vector(vector, len(x.shape), self.linear_op.channel_axis(self.layer))
 
     def call(self, inputs, training=False):
         if self.pruning is not None and training and not is_calibrating():
@@ -265,14 +249,7 @@ class QuantizedLinear(QuantizedLayer):
             elif bias is not None:
                 outputs = self._add_channel_vector(outputs, bias)
 
-        activation = FUSED_ACTIVATIONS[self.activation]
-        if activation is not None:
-            outputs = activation(outputs)
-        outputs = self._quantize_activation(
-            self.output_quantizer, outputs, quantize, ranges_frozen, training
-        )
-        self._advance(training)
-        return outputs
+        return self._finish(outputs, quantize, ranges_frozen, training, self.activation)
 
     def _batch_norm_train(self, outputs, folded_bias, bn_frozen):
         """Corrects the folded output to batch statistics; updates the BN.
@@ -293,15 +270,9 @@ class QuantizedLinear(QuantizedLayer):
         mean = z_mean / fold_scale
         variance = z_variance / ops.square(fold_scale)
         bias = self._layer_bias()
-        momentum = bn.momentum
-        for variable, value in (
-            (bn.moving_mean, mean if bias is None else mean + bias),
-            (bn.moving_variance, variance),
-        ):
-            updated = variable * momentum + ops.stop_gradient(value) * (1 - momentum)
-            variable.assign(
-                select(bn_frozen, ops.convert_to_tensor(variable), updated)
-            )
+        update_moving_statistics(
+            bn, mean if bias is None else mean + bias, variance, bn_frozen
+        )
         batch_scale = ops.rsqrt(variance + bn.epsilon)
         if bn.scale:
             batch_scale = batch_scale * bn.gamma

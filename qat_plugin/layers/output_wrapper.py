@@ -2,8 +2,7 @@
 
 import keras
 
-from qat_plugin.layers.base import QuantizedLayer
-from qat_plugin.layers.linear import FUSED_ACTIVATIONS, check_fused_activation
+from qat_plugin.layers.base import QuantizedLayer, check_fused_activation
 
 
 @keras.saving.register_keras_serializable(package="qat_plugin")
@@ -73,14 +72,7 @@ class QuantizeOutputWrapper(QuantizedLayer):
     def call(self, inputs, training=False):
         quantize, _, ranges_frozen = self._phase(training)
         outputs = self.layer(inputs)
-        activation = FUSED_ACTIVATIONS[self.activation]
-        if activation is not None:
-            outputs = activation(outputs)
-        outputs = self._quantize_activation(
-            self.output_quantizer, outputs, quantize, ranges_frozen, training
-        )
-        self._advance(training)
-        return outputs
+        return self._finish(outputs, quantize, ranges_frozen, training, self.activation)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)

@@ -15,6 +15,7 @@ import numpy as np
 from keras import tree
 
 from qat_plugin import registry
+from qat_plugin.config.constants import FUSED_ACTIVATIONS
 from qat_plugin.layers import (
     FakeQuant,
     OperationLayer,
@@ -231,7 +232,7 @@ def build_linear(builder, node, spec, fusion):
     """Conv/Dense with its folded BatchNorm, folded constants, fused activation."""
     plan = builder.plan
     own_activation = registry.function_name(node.layer.activation)
-    split = own_activation not in registry.FUSABLE_ACTIVATIONS
+    split = own_activation not in FUSED_ACTIVATIONS
     activation_name = "linear" if split else fusion.activation_name
     tail = fusion.tail
     scale = plan.scale_folds.get(id(node))

@@ -10,6 +10,7 @@ fake-quant between an op and its fused activation.
 import dataclasses
 
 from qat_plugin import registry
+from qat_plugin.config.constants import FUSED_ACTIVATIONS
 
 
 @dataclasses.dataclass(eq=False)
@@ -83,7 +84,7 @@ def find_fusions(graph, skip):
                 and following.name not in skip
                 and registry.policy_for(following.layer) == registry.ACTIVATION
                 and registry.activation_name(following.layer)
-                in registry.FUSABLE_ACTIVATIONS
+                in FUSED_ACTIVATIONS
             ):
                 fusion.activation = following
                 fusion.activation_name = registry.activation_name(following.layer)
