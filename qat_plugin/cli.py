@@ -263,8 +263,7 @@ def main(argv=None):
 
     Example:
 
-    >>> main(["inspect", "/nonexistent.tflite"])  # doctest: +SKIP
-    qat-plugin: error: No .tflite file at /nonexistent.tflite.
+    >>> main(["inspect", "/nonexistent.tflite"])  # the error goes to stderr
     1
     """
     from qat_plugin.tflite.convert import ExportError

@@ -125,8 +125,14 @@ def run_demo(
 
     Example:
 
-    >>> report, paths = run_demo("/tmp/qat-demo")  # doctest: +SKIP
-    >>> print(report)  # doctest: +SKIP
+    A quick try on a slice of the data (its accuracies measure nothing):
+
+    >>> import tempfile
+    >>> report, paths = run_demo(tempfile.mkdtemp(), epochs=1, train_samples=256,
+    ...                          eval_samples=64, batch_size=32, modes=("int8",),
+    ...                          verbose=0)
+    >>> [row.name for row in report.rows]
+    ['ptq-int8', 'qat-int8']
     """
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)

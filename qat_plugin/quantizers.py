@@ -83,7 +83,7 @@ def fake_quant_activation(x, range_min, range_max, num_bits=8):
 
     >>> import numpy as np
     >>> x = np.array([-1.0, 0.0, 0.4, 3.0], "float32")
-    >>> ops.convert_to_numpy(fake_quant_activation(x, 0.0, 2.55))
+    >>> np.round(ops.convert_to_numpy(fake_quant_activation(x, 0.0, 2.55)), 4)
     array([0.  , 0.  , 0.4 , 2.55], dtype=float32)
     """
     return keras.quantizers.fake_quant_with_min_max_vars(

@@ -1,13 +1,24 @@
 """Recipe data: quantization, schedule, pruning and export sections.
 
 Every section is a frozen dataclass; `RecipeConfig` holds one of each. The
-TOML reading and the field validation live in `recipe_files`; the workflow
-methods (`prune`, `quantize`, ...) in `qat_plugin.recipes.Recipe`.
+schema below checks every field's type and allowed values (`validate`)
+before the dataclasses are built, and the dataclasses check what spans
+fields in `__post_init__`, so a recipe that exists is valid. Reading files
+lives in `recipe_files`; the workflow methods (`prune`, `quantize`, ...) in
+`qat_plugin.recipes.Recipe`.
 """
 
 import dataclasses
+import difflib
+import math
 
-from qat_plugin.config.constants import UNSTRUCTURED, check_freeze_points
+from qat_plugin.config.constants import (
+    NEVER_KEYWORD,
+    TARGETS,
+    UNITS,
+    UNSTRUCTURED,
+    check_freeze_points,
+)
 from qat_plugin.errors import RecipeError
 
 
@@ -144,6 +155,134 @@ class RecipeConfig:
         Pass a dict per section (`pruning={"sparsity": 0.75}`), or, as a
         shorthand, `[quantization]` fields directly (`per_channel=False`).
         """
-        from qat_plugin.config.recipe_files import replaced
-
         return replaced(self, sections)
+
+
+EXPORT_TARGETS = TARGETS + ("any",)
+PRUNING_SCHEDULES = ("constant", "polynomial")
+
+
+def _number(minimum=0.0, maximum=math.inf, closed_max=True, integer=False):
+    kinds = int if integer else (int, float)
+    if closed_max:
+        check, text = (lambda v: minimum <= v <= maximum), f"in [{minimum}, {maximum}]"
+    else:
+        check, text = (lambda v: minimum <= v < maximum), f"in [{minimum}, {maximum})"
+    if maximum == math.inf:
+        text = f">= {minimum}"
+    return kinds, check, ("an integer " if integer else "a number ") + text
+
+
+def _one_of(values):
+    return str, lambda v: v in values, "one of " + ", ".join(f'"{v}"' for v in values)
+
+
+def _point():
+    # A schedule point: a number of steps/epochs, or "never".
+    return (
+        (int, float, str),
+        lambda v: v == NEVER_KEYWORD if isinstance(v, str) else v >= 0,
+        f'a number >= 0 or "{NEVER_KEYWORD}"',
+    )
+
+
+def _structure_ok(value):
+    if value == UNSTRUCTURED:
+        return True
+    n, _, m = value.partition(":")
+    return n.isdigit() and m.isdigit() and 0 < int(n) < int(m)
+
+
+_SECTIONS = {
+    "quantization": (QuantizationScheme, {
+        "weight_bits": (int, lambda v: v == 8, "8"),
+        "per_channel": (bool, lambda v: True, "true or false"),
+        "activation_bits": (int, lambda v: v in (8, 16), "8 or 16"),
+        "ema_decay": _number(0.0, 1.0, closed_max=False),
+    }),
+    "schedule": (Schedule, {
+        "unit": _one_of(UNITS),
+        "quantize_start": _number(),
+        "bn_freeze": _point(),
+        "range_freeze": _point(),
+    }),
+    "pruning": (Pruning, {
+        "sparsity": _number(0.0, 1.0, closed_max=False),
+        "structure": (str, _structure_ok, '"unstructured" or "N:M" with 0 < N < M'),
+        "schedule": _one_of(PRUNING_SCHEDULES),
+        "unit": _one_of(UNITS),
+        "begin": _number(),
+        "end": _number(),
+        "frequency": _number(1, integer=True),
+        "power": _number(),
+        "epochs": _number(0, integer=True),
+    }),
+    "export": (ExportSettings, {
+        "target": _one_of(EXPORT_TARGETS),
+        "sparse_weights": (bool, lambda v: True, "true or false"),
+        "allow_select_tf_ops": (bool, lambda v: True, "true or false"),
+    }),
+}
+TOP_LEVEL = {"description": (str, lambda v: True, "a string"),
+              "extends": (str, lambda v: True, "a recipe name")}
+TOP_LEVEL.update({name: None for name in _SECTIONS})
+
+
+def replaced(recipe, sections):
+    """`recipe` with `sections` (as `RecipeConfig.replace` takes them) laid over it."""
+    sections = dict(sections)
+    quantization = {k: sections.pop(k) for k in list(sections)
+            if k in _SECTIONS["quantization"][1]}
+    if quantization:
+        sections["quantization"] = {**sections.get("quantization", {}), **quantization}
+    if "extends" in sections:
+        raise RecipeError(
+        "replace() overrides fields of this recipe; to start from another "
+        "one, call replace() on recipes.get(name)."
+        )
+    validate(sections, TOP_LEVEL, None, recipe.source)
+    return merged(recipe, sections, recipe.source, name=recipe.name)
+
+
+def merged(base, data, source, name):
+    """`base` with the (validated) sections of `data` laid over it."""
+    fields = {"name": name, "source": source,
+              "description": data.get("description", base.description)}
+    try:
+        for section in _SECTIONS:
+            values = dict(data.get(section, {}))
+            for key in ("bn_freeze", "range_freeze"):
+                if values.get(key) == NEVER_KEYWORD:
+                    values[key] = None
+            fields[section] = dataclasses.replace(getattr(base, section), **values)
+        return type(base)(**fields)
+    except RecipeError as error:  # A cross-field check of the dataclasses.
+        raise RecipeError(f"Recipe {source or '<in memory>'}: {error}") from None
+
+
+def validate(values, fields, section, source):
+    where = f"[{section}]" if section else "top level"
+    where_file = source or "<in memory>"
+    if not isinstance(values, dict):
+        raise RecipeError(f"Recipe {where_file}: [{section}] must be a table.")
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(
+                f"Recipe {where_file}: unknown key '{key}' at {where}. "
+                f"Allowed keys: {', '.join(sorted(fields))}.{hint}"
+            )
+        spec = fields[key]
+        if spec is None:  # A section.
+            validate(value, _SECTIONS[key][1], key, source)
+            continue
+        kind, check, allowed = spec
+        wrong_type = (isinstance(value, bool) and kind is not bool) or not isinstance(
+            value, kind
+        )
+        if wrong_type or not check(value):
+            raise RecipeError(
+                f"Recipe {where_file}: {where} '{key}' must be {allowed}, "
+                f"got {value!r}."
+            )

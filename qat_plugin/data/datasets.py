@@ -185,9 +185,15 @@ def fashion_mnist(directory=DEBIAN_DIR, *, download=True, synthetic=True, timeou
 
     Example:
 
-    >>> data = fashion_mnist()
-    >>> data.x_train.shape[1:], data.source  # doctest: +ELLIPSIS
-    ((28, 28, 1), ...)
+    Without the Debian files and the network, an announced synthetic task
+    of the same shapes stands in:
+
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     data = fashion_mnist(directory="/nonexistent", download=False)
+    >>> data.x_train.shape[1:], data.is_synthetic
+    ((28, 28, 1), True)
     """
     data = _from_debian(directory) if directory else None
     if data is None and download:

@@ -36,7 +36,7 @@ class QuantizedBatchNormalization(QuantizedLayer):
 
     >>> import numpy as np
     >>> bn = QuantizedBatchNormalization(keras.layers.BatchNormalization())
-    >>> bn(np.random.rand(4, 3).astype("float32"), training=True).shape
+    >>> tuple(bn(np.random.rand(4, 3).astype("float32"), training=True).shape)
     (4, 3)
     """
 

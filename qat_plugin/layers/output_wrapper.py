@@ -33,7 +33,7 @@ class QuantizeOutputWrapper(QuantizedLayer):
     >>> import numpy as np
     >>> add = QuantizeOutputWrapper(keras.layers.Add(), activation="relu")
     >>> a = np.array([[1.0, -3.0]], "float32")
-    >>> add([a, a], training=True).shape
+    >>> tuple(add([a, a], training=True).shape)
     (1, 2)
     """
 

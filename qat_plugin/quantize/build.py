@@ -11,7 +11,6 @@ the model is built, through each layer's planned weight transform.
 import inspect
 
 import keras
-import numpy as np
 from keras import tree
 
 from qat_plugin import registry
@@ -29,60 +28,17 @@ from qat_plugin.layers import (
 from qat_plugin.layers.activation import GATED_ACTIVATIONS
 from qat_plugin.layers.operation import argument_template
 from qat_plugin.quantize.plan import average_divisor, averages
+from qat_plugin.quantize.weight_transforms import (
+    composed,
+    scaled_kernel,
+    scaled_weights,
+    shifted_bias,
+)
 from qat_plugin.quantizers import FIXED_RANGES
 
 
 def _clone(layer):
     return type(layer).from_config(layer.get_config())
-
-
-def _scaled_weights(scale):
-    """Scales a Conv/Dense's output channels: kernel and bias times `scale`."""
-
-    def transform(weights):
-        return [w * scale for w in weights]
-
-    return transform
-
-
-def _scaled_kernel(scale):
-    """Multiplies a linear layer's kernel (its first weight) by scalar `scale`."""
-
-    def transform(weights):
-        return [weights[0] * scale] + list(weights[1:])
-
-    return transform
-
-
-def _composed(*transforms):
-    """Applies the weight transforms that are not None, left to right."""
-    transforms = [t for t in transforms if t is not None]
-    if not transforms:
-        return None
-
-    def transform(weights):
-        for step in transforms:
-            weights = step(weights)
-        return weights
-
-    return transform
-
-
-def _shifted_bias(constant):
-    """Adds `constant` to a Conv/Dense's bias (weights `[kernel, bias]`)."""
-
-    def transform(weights):
-        bias = weights[1] + constant
-        if bias.size > 1 and np.all(bias == bias.flat[0]) and bias.flat[0] != 0:
-            # The converter quantizes a bias whose values are all equal (a
-            # "splat" constant, e.g. a zero bias plus 3) with the first
-            # channel's scale only, which corrupts every other channel
-            # (measured). One ulp off on one channel keeps it a plain tensor.
-            bias = bias.copy()
-            bias.flat[-1] = np.nextafter(bias.flat[-1], np.inf, dtype=bias.dtype)
-        return [weights[0], bias] + list(weights[2:])
-
-    return transform
 
 
 class Builder:
@@ -236,10 +192,10 @@ def build_linear(builder, node, spec, fusion):
     activation_name = "linear" if split else fusion.activation_name
     tail = fusion.tail
     scale = plan.scale_folds.get(id(node))
-    transform = None if scale is None else _scaled_weights(scale)
+    transform = None if scale is None else scaled_weights(scale)
     if id(node) in plan.bias_folds:
         constant, addition = plan.bias_folds[id(node)]
-        transform = _shifted_bias(constant)
+        transform = shifted_bias(constant)
         add_fusion = plan.fusions.get(id(addition))
         if add_fusion is not None:
             activation_name = add_fusion.activation_name
@@ -248,7 +204,7 @@ def build_linear(builder, node, spec, fusion):
             tail = addition
     if id(node) in plan.input_scale_folds:
         input_scale, _ = plan.input_scale_folds[id(node)]
-        transform = _composed(_scaled_kernel(input_scale), transform)
+        transform = composed(scaled_kernel(input_scale), transform)
     layer = builder.layer_for(
         id(node.layer),
         lambda: QuantizedLinear(

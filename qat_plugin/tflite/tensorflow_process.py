@@ -166,7 +166,7 @@ def _child_main(model_path, call_path, result_path):
                 "The export process expected KERAS_BACKEND=tensorflow but "
                 f"Keras runs on '{keras.backend.backend()}'."
             )
-        import qat_plugin  # noqa: F401  (registers the quantized layers)
+        import qat_plugin.layers  # noqa: F401  (registers the quantized layers)
 
         # Registers the model's custom layer classes before loading.
         for layer_module in layer_modules:

@@ -1,0 +1,93 @@
+"""The layout rules import-linter cannot check: callbacks/ and recipes/, private names, size.
+
+import-linter (run in CI, contracts in pyproject.toml) checks the stages
+inside the qat_plugin/ folder. `callbacks/` and `recipes/` are the packages
+`qat_plugin.callbacks` and `qat_plugin.recipes` but live beside it, where
+import-linter does not look: their imports are read here with `ast`.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOURCES = sorted(
+    [*(ROOT / "qat_plugin").rglob("*.py"), *(ROOT / "callbacks").rglob("*.py"),
+     *(ROOT / "recipes").rglob("*.py")]
+)
+# What sits below callbacks/ and recipes/ (pyproject's import-linter layers).
+ENGINE = {
+    "analysis", "tflite", "pruning", "quantize", "layers", "registry",
+    "quantizers", "sparsity", "linear_ops", "config", "data", "errors",
+    "files", "distribution",
+}
+ALLOWED = {"callbacks": ENGINE | {"callbacks"},
+           "recipes": ENGINE | {"callbacks", "recipes"}}
+MAX_LINES = 400
+
+
+def _module_name(path):
+    relative = path.relative_to(ROOT).with_suffix("")
+    parts = list(relative.parts)
+    if parts[0] in ("callbacks", "recipes"):
+        parts.insert(0, "qat_plugin")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path):
+    """`(line, module, names)` for every `import` / `from ... import` of qat_plugin."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] == "qat_plugin":
+                yield node.lineno, node.module, [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "qat_plugin":
+                    yield node.lineno, alias.name, []
+
+
+def _stage(module):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_callbacks_and_recipes_import_only_the_stages_below_them(package):
+    wrong = []
+    for path in (ROOT / package).rglob("*.py"):
+        for line, module, names in _imports(path):
+            stages = {_stage(module)} if _stage(module) else set(names)
+            for stage in stages - ALLOWED[package]:
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {module} ({stage})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    private = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}.{name}"
+        for path in SOURCES
+        for line, module, names in _imports(path)
+        for name in names
+        if name.startswith("_") and module != _module_name(path)
+    ]
+    assert not private, "\n".join(private)
+
+
+def test_no_module_is_over_the_size_limit():
+    long = [
+        f"{path.relative_to(ROOT)}: {count} lines"
+        for path in SOURCES
+        if (count := len(path.read_text().splitlines())) > MAX_LINES
+    ]
+    assert not long, "\n".join(long)
+
+
+def test_the_checker_sees_a_violation():
+    # The rules above would pass vacuously if the parser found no imports.
+    found = list(_imports(ROOT / "recipes" / "__init__.py"))
+    assert any(module.startswith("qat_plugin.quantize") for _, module, _ in found)
+    assert _stage("qat_plugin.demo") == "demo" and "demo" not in ALLOWED["recipes"]
