@@ -18,12 +18,11 @@ def sqnr_db(pairs):
     `10 log10(sum(w^2) / sum((w - q)^2))` over all pairs; `inf` when the
     quantized values equal the float ones.
 
-    Example:
-
-    >>> import numpy as np
-    >>> w = np.array([1.0, 2.0]); q = np.array([1.0, 2.1])
-    >>> round(sqnr_db([(w, q)]), 2)
-    26.99
+    Examples:
+        >>> import numpy as np
+        >>> w = np.array([1.0, 2.0]); q = np.array([1.0, 2.1])
+        >>> round(sqnr_db([(w, q)]), 2)
+        26.99
     """
     signal = sum(float(np.sum(np.square(w, dtype="float64"))) for w, _ in pairs)
     noise = sum(
@@ -84,21 +83,20 @@ class QuantizationMonitor(keras.callbacks.Callback):
         sample_size: how many samples of `data` to run.
         per_layer: also log one figure per layer.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> from qat_plugin.callbacks import QuantizationMonitor
-    >>> x, y = np.random.rand(16, 4).astype("float32"), np.zeros((16, 2))
-    >>> model = keras.Sequential([keras.Input((4,), name="pixels"),
-    ...                           keras.layers.Dense(2, name="logits")])
-    >>> qat = qat_plugin.quantize_model(model)
-    >>> qat.compile("sgd", "mse")
-    >>> monitor = QuantizationMonitor(data=x)
-    >>> history = qat.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
-    >>> sorted(k for k in history.history if k.startswith("qat_"))[:4]
-    ['qat_bn_frozen', 'qat_clip_fraction', 'qat_clip_fraction/logits', 'qat_clip_fraction/pixels_quantize']
-    >>> history.history["qat_sqnr_db/logits"][0] > 30
-    True
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> from qat_plugin.callbacks import QuantizationMonitor
+        >>> x, y = np.random.rand(16, 4).astype("float32"), np.zeros((16, 2))
+        >>> model = keras.Sequential([keras.Input((4,), name="pixels"),
+        ...                           keras.layers.Dense(2, name="logits")])
+        >>> qat = qat_plugin.quantize_model(model)
+        >>> qat.compile("sgd", "mse")
+        >>> monitor = QuantizationMonitor(data=x)
+        >>> history = qat.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+        >>> sorted(k for k in history.history if k.startswith("qat_"))[:4]
+        ['qat_bn_frozen', 'qat_clip_fraction', 'qat_clip_fraction/logits', 'qat_clip_fraction/pixels_quantize']
+        >>> history.history["qat_sqnr_db/logits"][0] > 30
+        True
     """
 
     def __init__(self, data=None, sample_size=256, per_layer=True):

@@ -11,15 +11,14 @@ from qat_plugin.sparsity import PruningSchedule
 def model_sparsity(model):
     """The fraction of all pruned kernel weights of `model` that are masked out.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> from qat_plugin.callbacks import model_sparsity
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
-    >>> pruned = qat_plugin.prune_model(model, 0.25)
-    >>> _ = pruned(np.ones((1, 8)), training=True)
-    >>> model_sparsity(pruned)
-    0.25
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> from qat_plugin.callbacks import model_sparsity
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+        >>> pruned = qat_plugin.prune_model(model, 0.25)
+        >>> _ = pruned(np.ones((1, 8)), training=True)
+        >>> model_sparsity(pruned)
+        0.25
     """
     zeros = total = 0
     for layer in pruned_layers(model):
@@ -54,19 +53,18 @@ class PruningScheduler(keras.callbacks.Callback):
         schedule: a `ConstantSparsity` or `PolynomialDecay` for every pruned
             layer, or None to keep the schedules given to `prune_model`.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> from qat_plugin.callbacks import PruningScheduler
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
-    >>> pruned = qat_plugin.prune_model(model, 0.5)
-    >>> pruned.compile("sgd", "mse")
-    >>> schedule = qat_plugin.PolynomialDecay(0.0, 0.75, begin_step=0,
-    ...                                       end_step=3, frequency=1)
-    >>> history = pruned.fit(np.ones((8, 8)), np.ones((8, 4)), batch_size=2,
-    ...                      verbose=0, callbacks=[PruningScheduler(schedule)])
-    >>> history.history["sparsity"]
-    [0.75]
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> from qat_plugin.callbacks import PruningScheduler
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+        >>> pruned = qat_plugin.prune_model(model, 0.5)
+        >>> pruned.compile("sgd", "mse")
+        >>> schedule = qat_plugin.PolynomialDecay(0.0, 0.75, begin_step=0,
+        ...                                       end_step=3, frequency=1)
+        >>> history = pruned.fit(np.ones((8, 8)), np.ones((8, 4)), batch_size=2,
+        ...                      verbose=0, callbacks=[PruningScheduler(schedule)])
+        >>> history.history["sparsity"]
+        [0.75]
     """
 
     def __init__(self, schedule=None):

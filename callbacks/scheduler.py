@@ -37,13 +37,12 @@ def current_phase(model):
         A dict with `step` (training steps taken, an int) and the booleans
         `quantizing` (fake-quant on), `bn_frozen` and `ranges_frozen`.
 
-    Example:
-
-    >>> import keras, qat_plugin
-    >>> from qat_plugin.callbacks import current_phase
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> current_phase(qat_plugin.quantize_model(model))
-    {'step': 0, 'quantizing': True, 'bn_frozen': False, 'ranges_frozen': False}
+    Examples:
+        >>> import keras, qat_plugin
+        >>> from qat_plugin.callbacks import current_phase
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> current_phase(qat_plugin.quantize_model(model))
+        {'step': 0, 'quantizing': True, 'bn_frozen': False, 'ranges_frozen': False}
     """
     layers = quantized_layers(model)
     if not layers:
@@ -134,19 +133,18 @@ class QuantizationScheduler(keras.callbacks.Callback):
             (when `fit` knows its length) a point at or past the end of
             training.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> from qat_plugin.callbacks import QuantizationScheduler, current_phase
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> qat = qat_plugin.quantize_model(model)
-    >>> qat.compile("sgd", "mse")
-    >>> scheduler = QuantizationScheduler(quantize_start=2, range_freeze=3)
-    >>> x, y = np.ones((8, 4), "float32"), np.zeros((8, 2), "float32")
-    >>> _ = qat.fit(x, y, batch_size=2, epochs=1, verbose=0,
-    ...             callbacks=[scheduler])
-    >>> current_phase(qat)
-    {'step': 4, 'quantizing': True, 'bn_frozen': False, 'ranges_frozen': True}
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> from qat_plugin.callbacks import QuantizationScheduler, current_phase
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> qat = qat_plugin.quantize_model(model)
+        >>> qat.compile("sgd", "mse")
+        >>> scheduler = QuantizationScheduler(quantize_start=2, range_freeze=3)
+        >>> x, y = np.ones((8, 4), "float32"), np.zeros((8, 2), "float32")
+        >>> _ = qat.fit(x, y, batch_size=2, epochs=1, verbose=0,
+        ...             callbacks=[scheduler])
+        >>> current_phase(qat)
+        {'step': 4, 'quantizing': True, 'bn_frozen': False, 'ranges_frozen': True}
     """
 
     def __init__(

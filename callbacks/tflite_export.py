@@ -42,19 +42,18 @@ class TFLiteExport(keras.callbacks.Callback):
         validation_data: `(x, y)` arrays to score the exported model on.
         batch_size: interpreter batch size.
 
-    Example:
-
-    >>> import os, tempfile, keras, numpy as np, qat_plugin
-    >>> from qat_plugin.callbacks import TFLiteExport
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> qat = qat_plugin.quantize_model(model)
-    >>> qat.compile("adam", "sparse_categorical_crossentropy")
-    >>> x = np.random.rand(32, 4).astype("float32"); y = np.arange(32) % 3
-    >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
-    >>> export = TFLiteExport(path, validation_data=(x, y))
-    >>> history = qat.fit(x, y, epochs=2, verbose=0, callbacks=[export])
-    >>> os.path.exists(path), len(history.history["int8_accuracy"])
-    (True, 1)
+    Examples:
+        >>> import os, tempfile, keras, numpy as np, qat_plugin
+        >>> from qat_plugin.callbacks import TFLiteExport
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> qat = qat_plugin.quantize_model(model)
+        >>> qat.compile("adam", "sparse_categorical_crossentropy")
+        >>> x = np.random.rand(32, 4).astype("float32"); y = np.arange(32) % 3
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
+        >>> export = TFLiteExport(path, validation_data=(x, y))
+        >>> history = qat.fit(x, y, epochs=2, verbose=0, callbacks=[export])
+        >>> os.path.exists(path), len(history.history["int8_accuracy"])
+        (True, 1)
     """
 
     def __init__(

@@ -261,10 +261,9 @@ def _quiet_converter_logs():
 def main(argv=None):
     """Runs the `qat-plugin` command; returns the exit status.
 
-    Example:
-
-    >>> main(["inspect", "/nonexistent.tflite"])  # the error goes to stderr
-    1
+    Examples:
+        >>> main(["inspect", "/nonexistent.tflite"])  # the error goes to stderr
+        1
     """
     from qat_plugin.tflite.convert import ExportError
 

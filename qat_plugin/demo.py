@@ -33,11 +33,10 @@ DEMO_MODES = ("float", "dynamic", "float16", "int8", "int16x8")
 def mobilenet_style(input_shape=(28, 28, 1), num_classes=10, width=16):
     """A small MobileNet-style classifier: a conv stem and 4 separable blocks.
 
-    Example:
-
-    >>> model = mobilenet_style()
-    >>> model.output_shape
-    (None, 10)
+    Examples:
+        >>> model = mobilenet_style()
+        >>> model.output_shape
+        (None, 10)
     """
 
     def conv_bn_relu6(x, layer, name):
@@ -123,16 +122,15 @@ def run_demo(
     Returns:
         `(report, paths)`: the `ComparisonReport` and a dict of written files.
 
-    Example:
+    Examples:
+        A quick try on a slice of the data (its accuracies measure nothing):
 
-    A quick try on a slice of the data (its accuracies measure nothing):
-
-    >>> import tempfile
-    >>> report, paths = run_demo(tempfile.mkdtemp(), epochs=1, train_samples=256,
-    ...                          eval_samples=64, batch_size=32, modes=("int8",),
-    ...                          verbose=0)
-    >>> [row.name for row in report.rows]
-    ['ptq-int8', 'qat-int8']
+        >>> import tempfile
+        >>> report, paths = run_demo(tempfile.mkdtemp(), epochs=1, train_samples=256,
+        ...                          eval_samples=64, batch_size=32, modes=("int8",),
+        ...                          verbose=0)
+        >>> [row.name for row in report.rows]
+        ['ptq-int8', 'qat-int8']
     """
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)

@@ -14,10 +14,9 @@ def process_index():
     On the JAX backend with `jax.distributed.initialize`, the JAX process
     index; otherwise 0.
 
-    Example:
-
-    >>> process_index()
-    0
+    Examples:
+        >>> process_index()
+        0
     """
     if keras.backend.backend() == "jax":
         import jax
@@ -29,9 +28,8 @@ def process_index():
 def is_primary_process():
     """True in the one process that writes files (process 0).
 
-    Example:
-
-    >>> is_primary_process()
-    True
+    Examples:
+        >>> is_primary_process()
+        True
     """
     return process_index() == 0

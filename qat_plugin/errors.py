@@ -5,14 +5,13 @@ Each error keeps the built-in base it has always had (`ValueError`,
 recipe, and `except qat_plugin.QATError` catches anything the project
 raises on purpose.
 
-Example:
-
->>> import qat_plugin
->>> try:
-...     qat_plugin.recipes.get("int9")
-... except qat_plugin.QATError as error:
-...     print(type(error).__name__)
-RecipeError
+Examples:
+    >>> import qat_plugin
+    >>> try:
+    ...     qat_plugin.recipes.get("int9")
+    ... except qat_plugin.QATError as error:
+    ...     print(type(error).__name__)
+    RecipeError
 """
 
 

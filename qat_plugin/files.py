@@ -10,13 +10,12 @@ def write_bytes_atomic(path, data):
     Readers see the old file or the complete new one, never a partial one;
     on failure the temporary file is removed.
 
-    Example:
-
-    >>> import os, tempfile
-    >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
-    >>> write_bytes_atomic(path, b"abc")
-    >>> open(path, "rb").read()
-    b'abc'
+    Examples:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
+        >>> write_bytes_atomic(path, b"abc")
+        >>> open(path, "rb").read()
+        b'abc'
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))

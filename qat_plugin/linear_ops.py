@@ -13,11 +13,10 @@ from keras import ops
 def channel_vector(vector, rank, axis):
     """Shapes a per-channel `vector` to broadcast along `axis` of a rank-`rank` tensor.
 
-    Example:
-
-    >>> import numpy as np
-    >>> tuple(channel_vector(np.ones(3), 4, 1).shape)
-    (1, 3, 1, 1)
+    Examples:
+        >>> import numpy as np
+        >>> tuple(channel_vector(np.ones(3), 4, 1).shape)
+        (1, 3, 1, 1)
     """
     axis = axis % rank
     if axis == rank - 1:
@@ -25,6 +24,18 @@ def channel_vector(vector, rank, axis):
     shape = [1] * rank
     shape[axis] = -1
     return ops.reshape(vector, shape)
+
+
+def _depthwise(layer, inputs, kernel):
+    """The depthwise convolution of a (separable) depthwise layer."""
+    return ops.depthwise_conv(
+        inputs,
+        kernel,
+        strides=layer.strides,
+        padding=layer.padding,
+        dilation_rate=layer.dilation_rate,
+        data_format=layer.data_format,
+    )
 
 
 class LinearOp:
@@ -97,14 +108,7 @@ class DepthwiseConvOp(LinearOp):
         return kernel * ops.reshape(channel_scale, kernel.shape[-2:])
 
     def apply(self, layer, inputs, kernels, quantize_intermediate):
-        return ops.depthwise_conv(
-            inputs,
-            kernels[0],
-            strides=layer.strides,
-            padding=layer.padding,
-            dilation_rate=layer.dilation_rate,
-            data_format=layer.data_format,
-        )
+        return _depthwise(layer, inputs, kernels[0])
 
 
 class SeparableConvOp(LinearOp):
@@ -119,15 +123,7 @@ class SeparableConvOp(LinearOp):
     channel_axes = (2, 1)
 
     def apply(self, layer, inputs, kernels, quantize_intermediate):
-        depthwise = ops.depthwise_conv(
-            inputs,
-            kernels[0],
-            strides=layer.strides,
-            padding=layer.padding,
-            dilation_rate=layer.dilation_rate,
-            data_format=layer.data_format,
-        )
-        depthwise = quantize_intermediate(depthwise)
+        depthwise = quantize_intermediate(_depthwise(layer, inputs, kernels[0]))
         return ops.conv(
             depthwise,
             kernels[1],

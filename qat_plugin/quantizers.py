@@ -28,12 +28,11 @@ def weight_scale(weight, reduce_axes, num_bits=8):
     Returns:
         A tensor broadcastable against `weight`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> w = np.array([[1.0, -0.5], [0.25, 2.0]], "float32")
-    >>> ops.convert_to_numpy(weight_scale(w, (0,))) * 127
-    array([[1., 2.]], dtype=float32)
+    Examples:
+        >>> import numpy as np
+        >>> w = np.array([[1.0, -0.5], [0.25, 2.0]], "float32")
+        >>> ops.convert_to_numpy(weight_scale(w, (0,))) * 127
+        array([[1., 2.]], dtype=float32)
     """
     qmax = 2 ** (num_bits - 1) - 1
     max_abs = ops.max(ops.abs(weight), axis=reduce_axes, keepdims=True)
@@ -48,13 +47,12 @@ def fake_quant_weight(weight, reduce_axes, num_bits=8):
     weight of each channel maps to +-127 (8 bits) and nothing is clipped: the
     gradient of the rounding is the identity.
 
-    Example:
-
-    >>> import numpy as np
-    >>> w = np.array([[0.3, -1.0], [1.27, 0.5]], "float32")
-    >>> q = ops.convert_to_numpy(fake_quant_weight(w, (0,)))
-    >>> bool(np.all(np.abs(q - w) <= np.abs(w).max(0) / 254 + 1e-7))
-    True
+    Examples:
+        >>> import numpy as np
+        >>> w = np.array([[0.3, -1.0], [1.27, 0.5]], "float32")
+        >>> q = ops.convert_to_numpy(fake_quant_weight(w, (0,)))
+        >>> bool(np.all(np.abs(q - w) <= np.abs(w).max(0) / 254 + 1e-7))
+        True
     """
     scale = weight_scale(weight, reduce_axes, num_bits)
     snapped = ops.round(weight / scale) * scale
@@ -79,12 +77,11 @@ def fake_quant_activation(x, range_min, range_max, num_bits=8):
     TensorFlow backend this lowers to `FakeQuantWithMinMaxVars`, which the
     TFLite converter reads as the tensor's quantization parameters.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.array([-1.0, 0.0, 0.4, 3.0], "float32")
-    >>> np.round(ops.convert_to_numpy(fake_quant_activation(x, 0.0, 2.55)), 4)
-    array([0.  , 0.  , 0.4 , 2.55], dtype=float32)
+    Examples:
+        >>> import numpy as np
+        >>> x = np.array([-1.0, 0.0, 0.4, 3.0], "float32")
+        >>> np.round(ops.convert_to_numpy(fake_quant_activation(x, 0.0, 2.55)), 4)
+        array([0.  , 0.  , 0.4 , 2.55], dtype=float32)
     """
     return keras.quantizers.fake_quant_with_min_max_vars(
         x, range_min, range_max, num_bits=num_bits, narrow_range=num_bits == 16
@@ -102,14 +99,13 @@ def fake_quant_average(x, range_min, range_max, num_bits=8, divisor=None):
     (or None to skip it), the value is snapped to that first. The gradient
     is the identity (the average is always inside the range).
 
-    Example:
-
-    >>> import numpy as np
-    >>> # Steps of 0.1: 2.5, -2.5 and 3.5 steps round away from zero.
-    >>> x = np.array([0.25, -0.25, 0.35], "float32")
-    >>> y = ops.convert_to_numpy(fake_quant_average(x, -12.8, 12.7, divisor=2))
-    >>> [round(float(v), 2) for v in y]
-    [0.3, -0.3, 0.4]
+    Examples:
+        >>> import numpy as np
+        >>> # Steps of 0.1: 2.5, -2.5 and 3.5 steps round away from zero.
+        >>> x = np.array([0.25, -0.25, 0.35], "float32")
+        >>> y = ops.convert_to_numpy(fake_quant_average(x, -12.8, 12.7, divisor=2))
+        >>> [round(float(v), 2) for v in y]
+        [0.3, -0.3, 0.4]
     """
     narrow = num_bits == 16
     nudged_min, _, scale, _ = adjust_and_nudge(
@@ -180,15 +176,14 @@ class ActivationQuantizer:
         ema_decay: weight of the running range against the batch range.
         fixed_range: `(min, max)` to use instead of observing.
 
-    Example:
-
-    >>> layer = keras.layers.Layer()
-    >>> q = ActivationQuantizer("output")
-    >>> q.build(layer)
-    >>> x = ops.convert_to_tensor([[-1.0, 0.5, 2.0]])
-    >>> _ = q.observe(x, frozen=False)
-    >>> [float(v) for v in (q.range_min, q.range_max)]
-    [-1.0, 2.0]
+    Examples:
+        >>> layer = keras.layers.Layer()
+        >>> q = ActivationQuantizer("output")
+        >>> q.build(layer)
+        >>> x = ops.convert_to_tensor([[-1.0, 0.5, 2.0]])
+        >>> _ = q.observe(x, frozen=False)
+        >>> [float(v) for v in (q.range_min, q.range_max)]
+        [-1.0, 2.0]
     """
 
     def __init__(self, name, num_bits=8, ema_decay=0.99, fixed_range=None,
@@ -334,16 +329,15 @@ class RangeGroup:
         name: the group's name, unique in its model (loading finds the
             group's members by it).
 
-    Example:
-
-    >>> layer = keras.layers.Layer()
-    >>> group = RangeGroup("block")
-    >>> a, b = ActivationQuantizer("a", group=group), ActivationQuantizer("b", group=group)
-    >>> a.build(layer); b.build(layer)
-    >>> _ = a.observe(ops.convert_to_tensor([0.0, 1.0]), frozen=False)
-    >>> _ = b.observe(ops.convert_to_tensor([-0.5, 3.0]), frozen=False)
-    >>> [float(v) for v in a.current_range()]
-    [-0.5, 3.0]
+    Examples:
+        >>> layer = keras.layers.Layer()
+        >>> group = RangeGroup("block")
+        >>> a, b = ActivationQuantizer("a", group=group), ActivationQuantizer("b", group=group)
+        >>> a.build(layer); b.build(layer)
+        >>> _ = a.observe(ops.convert_to_tensor([0.0, 1.0]), frozen=False)
+        >>> _ = b.observe(ops.convert_to_tensor([-0.5, 3.0]), frozen=False)
+        >>> [float(v) for v in a.current_range()]
+        [-0.5, 3.0]
     """
 
     def __init__(self, name):

@@ -113,20 +113,19 @@ class LayerQuantization:
         fixed_output_range: `(min, max)` the int8 kernel fixes for the
             output (e.g. `(0.0, 255 / 256)` for a sigmoid-like output).
 
-    Example:
-
-    >>> import keras, qat_plugin
-    >>> @keras.saving.register_keras_serializable(package="doc")
-    ... class Scale(keras.layers.Layer):
-    ...     def build(self, input_shape):
-    ...         self.kernel = self.add_weight(shape=(input_shape[-1],))
-    ...     def call(self, x):
-    ...         return x * self.kernel
-    >>> qat_plugin.register_layer(
-    ...     Scale, qat_plugin.LayerQuantization(weights={"kernel": None}))
-    >>> model = keras.Sequential([keras.Input((3,)), Scale()])
-    >>> [type(l).__name__ for l in qat_plugin.quantize_model(model).layers][1:]
-    ['FakeQuant', 'QuantizedCustomLayer']
+    Examples:
+        >>> import keras, qat_plugin
+        >>> @keras.saving.register_keras_serializable(package="doc")
+        ... class Scale(keras.layers.Layer):
+        ...     def build(self, input_shape):
+        ...         self.kernel = self.add_weight(shape=(input_shape[-1],))
+        ...     def call(self, x):
+        ...         return x * self.kernel
+        >>> qat_plugin.register_layer(
+        ...     Scale, qat_plugin.LayerQuantization(weights={"kernel": None}))
+        >>> model = keras.Sequential([keras.Input((3,)), Scale()])
+        >>> [type(l).__name__ for l in qat_plugin.quantize_model(model).layers][1:]
+        ['FakeQuant', 'QuantizedCustomLayer']
     """
 
     weights: dict = dataclasses.field(default_factory=dict)
@@ -321,14 +320,13 @@ def register_layer(layer_class, policy):
             share one scale, like concatenation) or `"float"` (always kept in
             float, with QUANTIZE/DEQUANTIZE around it).
 
-    Example:
-
-    >>> class Swap(keras.layers.Layer):
-    ...     def call(self, x):
-    ...         return x[:, ::-1]
-    >>> register_layer(Swap, "passthrough")
-    >>> policy_for(Swap())
-    'passthrough'
+    Examples:
+        >>> class Swap(keras.layers.Layer):
+        ...     def call(self, x):
+        ...         return x[:, ::-1]
+        >>> register_layer(Swap, "passthrough")
+        >>> policy_for(Swap())
+        'passthrough'
     """
     if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
         raise TypeError(

@@ -111,11 +111,10 @@ class ConstantSparsity(PruningSchedule):
             stop). After it the masks are frozen.
         frequency: steps between mask updates.
 
-    Example:
-
-    >>> schedule = ConstantSparsity(0.5, begin_step=10, frequency=5)
-    >>> schedule.sparsity_at(0), schedule.updates_at(10), schedule.updates_at(12)
-    (0.5, True, False)
+    Examples:
+        >>> schedule = ConstantSparsity(0.5, begin_step=10, frequency=5)
+        >>> schedule.sparsity_at(0), schedule.updates_at(10), schedule.updates_at(12)
+        (0.5, True, False)
     """
 
     def __init__(self, sparsity, begin_step=0, end_step=None, frequency=100):
@@ -158,11 +157,10 @@ class PolynomialDecay(PruningSchedule):
         power: the exponent (3 in the paper).
         frequency: steps between mask updates.
 
-    Example:
-
-    >>> schedule = PolynomialDecay(0.0, 0.8, begin_step=0, end_step=100)
-    >>> round(schedule.sparsity_at(50), 4), schedule.sparsity_at(100)
-    (0.7, 0.8)
+    Examples:
+        >>> schedule = PolynomialDecay(0.0, 0.8, begin_step=0, end_step=100)
+        >>> round(schedule.sparsity_at(50), 4), schedule.sparsity_at(100)
+        (0.7, 0.8)
     """
 
     def __init__(self, initial_sparsity=0.0, final_sparsity=0.5, begin_step=0,
@@ -191,10 +189,9 @@ class PolynomialDecay(PruningSchedule):
 def parse_structure(structure):
     """Returns None for unstructured pruning, or `(n, m)` for N:M.
 
-    Example:
-
-    >>> parse_structure("2:4"), parse_structure("unstructured")
-    ((2, 4), None)
+    Examples:
+        >>> parse_structure("2:4"), parse_structure("unstructured")
+        ((2, 4), None)
     """
     if structure == UNSTRUCTURED or structure is None:
         return None
@@ -257,12 +254,11 @@ def _ranks(values, axis):
 def magnitude_mask(kernel, sparsity):
     """1/0 mask zeroing the `round(sparsity * size)` smallest-magnitude weights.
 
-    Example:
-
-    >>> import numpy as np
-    >>> m = magnitude_mask(np.array([[0.1, -3.0], [2.0, -0.2]], "float32"), 0.5)
-    >>> np.asarray(m).tolist()
-    [[0.0, 1.0], [1.0, 0.0]]
+    Examples:
+        >>> import numpy as np
+        >>> m = magnitude_mask(np.array([[0.1, -3.0], [2.0, -0.2]], "float32"), 0.5)
+        >>> np.asarray(m).tolist()
+        [[0.0, 1.0], [1.0, 0.0]]
     """
     kernel = ops.convert_to_tensor(kernel)
     flat = ops.reshape(ops.abs(kernel), (-1,))
@@ -275,12 +271,11 @@ def magnitude_mask(kernel, sparsity):
 def n_of_m_mask(kernel, n, m, axis=-2):
     """1/0 mask zeroing the `n` smallest of every `m` consecutive weights on `axis`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> w = np.array([[4.0], [-1.0], [0.5], [3.0]], "float32")  # [in=4, out=1]
-    >>> np.asarray(n_of_m_mask(w, 2, 4)).ravel().tolist()
-    [1.0, 0.0, 0.0, 1.0]
+    Examples:
+        >>> import numpy as np
+        >>> w = np.array([[4.0], [-1.0], [0.5], [3.0]], "float32")  # [in=4, out=1]
+        >>> np.asarray(n_of_m_mask(w, 2, 4)).ravel().tolist()
+        [1.0, 0.0, 0.0, 1.0]
     """
     kernel = ops.convert_to_tensor(kernel)
     moved = ops.moveaxis(ops.abs(kernel), axis, -1)

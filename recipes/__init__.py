@@ -24,25 +24,24 @@ The workflow a recipe drives:
 4. `recipe.export_tflite(qat, path)`: `export_tflite` with the `[export]`
    settings, checked against the recipe's target.
 
-Example:
-
->>> import keras, numpy as np
->>> from qat_plugin import recipes
->>> recipe = recipes.get("int8-pruned-50")
->>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8),
-...                           keras.layers.ReLU(), keras.layers.Dense(2)])
->>> x, y = np.random.rand(64, 8).astype("float32"), np.zeros((64, 2), "float32")
->>> pruned = recipe.prune(model, steps_per_epoch=4)  # 64 samples, batch 16
->>> pruned.compile("adam", "mse")
->>> _ = pruned.fit(x, y, batch_size=16, epochs=recipe.pruning.epochs, verbose=0,
-...                callbacks=recipe.callbacks(pruned))
->>> qat = recipe.quantize(pruned)
->>> qat.compile("adam", "mse")
->>> _ = qat.fit(x, y, batch_size=16, epochs=1, verbose=0,
-...             callbacks=recipe.callbacks(qat))
->>> report = recipe.inspect(recipe.export_tflite(qat))
->>> report.is_fully_int8, round(report.weight_sparsity, 2)
-(True, 0.5)
+Examples:
+    >>> import keras, numpy as np
+    >>> from qat_plugin import recipes
+    >>> recipe = recipes.get("int8-pruned-50")
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8),
+    ...                           keras.layers.ReLU(), keras.layers.Dense(2)])
+    >>> x, y = np.random.rand(64, 8).astype("float32"), np.zeros((64, 2), "float32")
+    >>> pruned = recipe.prune(model, steps_per_epoch=4)  # 64 samples, batch 16
+    >>> pruned.compile("adam", "mse")
+    >>> _ = pruned.fit(x, y, batch_size=16, epochs=recipe.pruning.epochs, verbose=0,
+    ...                callbacks=recipe.callbacks(pruned))
+    >>> qat = recipe.quantize(pruned)
+    >>> qat.compile("adam", "mse")
+    >>> _ = qat.fit(x, y, batch_size=16, epochs=1, verbose=0,
+    ...             callbacks=recipe.callbacks(qat))
+    >>> report = recipe.inspect(recipe.export_tflite(qat))
+    >>> report.is_fully_int8, round(report.weight_sparsity, 2)
+    (True, 0.5)
 """
 
 import dataclasses

@@ -34,13 +34,12 @@ def check_freeze_points(quantize_start, bn_freeze, range_freeze, error=ValueErro
     Freezing before `quantize_start` would freeze statistics the model has
     not yet trained against; `None` (never) is always fine.
 
-    Example:
-
-    >>> check_freeze_points(2, None, 3)
-    >>> check_freeze_points(5, 3, None)
-    Traceback (most recent call last):
-    ...
-    ValueError: bn_freeze=3 comes before quantize_start=5: 'bn_freeze' must be at or after quantize_start, or never.
+    Examples:
+        >>> check_freeze_points(2, None, 3)
+        >>> check_freeze_points(5, 3, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: bn_freeze=3 comes before quantize_start=5: 'bn_freeze' must be at or after quantize_start, or never.
     """
     for name, value in (("bn_freeze", bn_freeze), ("range_freeze", range_freeze)):
         if value is not None and value < quantize_start:

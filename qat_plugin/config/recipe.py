@@ -125,12 +125,11 @@ class RecipeConfig:
         export: the `ExportSettings` (target, sparse weights, Select TF ops).
         source: the file it was read from.
 
-    Example:
-
-    >>> from qat_plugin import recipes
-    >>> recipe = recipes.get("int8").replace(quantization={"per_channel": False})
-    >>> recipe.quantization.per_channel, recipe.export.target
-    (False, 'cpu')
+    Examples:
+        >>> from qat_plugin import recipes
+        >>> recipe = recipes.get("int8").replace(quantization={"per_channel": False})
+        >>> recipe.quantization.per_channel, recipe.export.target
+        (False, 'cpu')
     """
 
     name: str

@@ -53,13 +53,12 @@ class ImageDataset:
 def read_idx(path):
     """Reads an IDX file (optionally gzipped) into a NumPy array.
 
-    Example:
-
-    >>> import os, tempfile
-    >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte")
-    >>> _ = open(path, "wb").write(bytes([0, 0, 8, 1, 0, 0, 0, 2, 7, 3]))
-    >>> read_idx(path)
-    array([7, 3], dtype=uint8)
+    Examples:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte")
+        >>> _ = open(path, "wb").write(bytes([0, 0, 8, 1, 0, 0, 0, 2, 7, 3]))
+        >>> read_idx(path)
+        array([7, 3], dtype=uint8)
     """
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
@@ -123,11 +122,10 @@ def synthetic_images(num_train=60000, num_test=10000, seed=0):
     it well but not perfectly. It stands in for Fashion-MNIST offline; its
     accuracies say nothing about Fashion-MNIST.
 
-    Example:
-
-    >>> data = synthetic_images(num_train=20, num_test=10)
-    >>> data.x_train.shape, data.y_test.dtype.name, data.source
-    ((20, 28, 28, 1), 'int32', 'synthetic')
+    Examples:
+        >>> data = synthetic_images(num_train=20, num_test=10)
+        >>> data.x_train.shape, data.y_test.dtype.name, data.source
+        ((20, 28, 28, 1), 'int32', 'synthetic')
     """
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:28, 0:28].astype(np.float32)
@@ -183,17 +181,16 @@ def fashion_mnist(directory=DEBIAN_DIR, *, download=True, synthetic=True, timeou
     Returns:
         An `ImageDataset`; `source` says where the data came from.
 
-    Example:
+    Examples:
+        Without the Debian files and the network, an announced synthetic task
+        of the same shapes stands in:
 
-    Without the Debian files and the network, an announced synthetic task
-    of the same shapes stands in:
-
-    >>> import warnings
-    >>> with warnings.catch_warnings():
-    ...     warnings.simplefilter("ignore")
-    ...     data = fashion_mnist(directory="/nonexistent", download=False)
-    >>> data.x_train.shape[1:], data.is_synthetic
-    ((28, 28, 1), True)
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     data = fashion_mnist(directory="/nonexistent", download=False)
+        >>> data.x_train.shape[1:], data.is_synthetic
+        ((28, 28, 1), True)
     """
     data = _from_debian(directory) if directory else None
     if data is None and download:

@@ -29,13 +29,12 @@ class QuantizedSwish(QuantizedLayer):
         num_bits: activation bit width.
         ema_decay: decay of the range observer.
 
-    Example:
-
-    >>> import numpy as np
-    >>> layer = QuantizedSwish(keras.layers.Activation("silu"))
-    >>> y = layer(np.linspace(-4, 4, 9, dtype="float32")[None], training=True)
-    >>> tuple(y.shape)
-    (1, 9)
+    Examples:
+        >>> import numpy as np
+        >>> layer = QuantizedSwish(keras.layers.Activation("silu"))
+        >>> y = layer(np.linspace(-4, 4, 9, dtype="float32")[None], training=True)
+        >>> tuple(y.shape)
+        (1, 9)
     """
 
     _sublayer_keys = ("layer",)
@@ -52,9 +51,7 @@ class QuantizedSwish(QuantizedLayer):
     def build(self, input_shape):
         if not self.layer.built:
             self.layer.build(input_shape)
-        self._build_schedule()
-        for quantizer in self.activation_quantizers():
-            quantizer.build(self)
+        self._build_quantization_state()
 
     def activation_quantizers(self):
         return [self.gate_quantizer, self.output_quantizer]

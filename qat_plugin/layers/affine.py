@@ -28,13 +28,12 @@ class QuantizedAffine(QuantizedLayer):
         num_bits: activation bit width.
         ema_decay: decay of the range observers.
 
-    Example:
-
-    >>> import numpy as np
-    >>> layer = QuantizedAffine(keras.layers.Rescaling(1 / 127.5, offset=-1))
-    >>> y = layer(np.array([[0.0, 255.0]], "float32"), training=True)
-    >>> [round(float(v), 1) for v in y[0]]
-    [-1.0, 1.0]
+    Examples:
+        >>> import numpy as np
+        >>> layer = QuantizedAffine(keras.layers.Rescaling(1 / 127.5, offset=-1))
+        >>> y = layer(np.array([[0.0, 255.0]], "float32"), training=True)
+        >>> [round(float(v), 1) for v in y[0]]
+        [-1.0, 1.0]
     """
 
     _sublayer_keys = ("layer",)
@@ -71,9 +70,7 @@ class QuantizedAffine(QuantizedLayer):
     def build(self, input_shape):
         if not self.layer.built:
             self.layer.build(input_shape)
-        self._build_schedule()
-        for quantizer in self.quantizers:
-            quantizer.build(self)
+        self._build_quantization_state()
 
     def activation_quantizers(self):
         return list(self.quantizers)

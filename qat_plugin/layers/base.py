@@ -21,12 +21,11 @@ def static_phase(schedule, step, steps_ahead=None):
     grow), False where it cannot fire within `steps_ahead` steps (or never
     fires), None where it may fire and must be decided in-graph.
 
-    Example:
-
-    >>> static_phase([0, 100, NEVER], step=10, steps_ahead=50)
-    (True, False, False)
-    >>> static_phase([0, 100, NEVER], step=10)
-    (True, None, False)
+    Examples:
+        >>> static_phase([0, 100, NEVER], step=10, steps_ahead=50)
+        (True, False, False)
+        >>> static_phase([0, 100, NEVER], step=10)
+        (True, None, False)
     """
     settled = []
     for threshold in schedule:
@@ -52,6 +51,30 @@ def check_fused_activation(layer_name, activation):
             f"Layer '{layer_name}': activation {activation!r} cannot be "
             f"fused; expected one of {sorted(FUSED_ACTIVATION_FUNCTIONS)}."
         )
+
+
+def batch_norm_scale(bn, variance):
+    """`gamma / sqrt(variance + epsilon)`: what a BatchNormalization multiplies by."""
+    scale = ops.rsqrt(variance + bn.epsilon)
+    return scale * bn.gamma if bn.scale else scale
+
+
+def batch_norm_affine(bn, mean, variance):
+    """`(scale, shift)` of the per-channel affine a BatchNormalization computes.
+
+    Examples:
+        >>> import keras, numpy as np
+        >>> bn = keras.layers.BatchNormalization(epsilon=0.0)
+        >>> bn.build((None, 2))
+        >>> scale, shift = batch_norm_affine(bn, np.float32([1, 2]), np.float32([4, 1]))
+        >>> [float(v) for v in scale], [float(v) for v in shift]
+        ([0.5, 1.0], [-0.5, -2.0])
+    """
+    scale = batch_norm_scale(bn, variance)
+    shift = -mean * scale
+    if bn.center:
+        shift = shift + bn.beta
+    return scale, shift
 
 
 def update_moving_statistics(bn, mean, variance, frozen):
@@ -110,16 +133,15 @@ def activation_probe():
     tensor before fake-quant and the range it is quantized to. Used by
     `QuantizationMonitor` to measure how much of each activation is clipped.
 
-    Example:
-
-    >>> import numpy as np
-    >>> from qat_plugin.layers import FakeQuant
-    >>> layer = FakeQuant()
-    >>> _ = layer(np.array([[0.0, 1.0]], "float32"), training=True)
-    >>> with activation_probe() as records:
-    ...     _ = layer(np.array([[2.0]], "float32"))
-    >>> [float(records[0][2][0, 0]), float(records[0][4])]
-    [2.0, 1.0]
+    Examples:
+        >>> import numpy as np
+        >>> from qat_plugin.layers import FakeQuant
+        >>> layer = FakeQuant()
+        >>> _ = layer(np.array([[0.0, 1.0]], "float32"), training=True)
+        >>> with activation_probe() as records:
+        ...     _ = layer(np.array([[2.0]], "float32"))
+        >>> [float(records[0][2][0, 0]), float(records[0][4])]
+        [2.0, 1.0]
     """
     previous = getattr(_mode, "probe", None)
     records = []
@@ -141,13 +163,12 @@ def build_replica_synced(layer, input_shape):
     "mean", as the range observers have: every update is the mean of the
     replicas' updates and all replicas hold the same value.
 
-    Example:
-
-    >>> import keras
-    >>> bn = keras.layers.BatchNormalization()
-    >>> build_replica_synced(bn, (None, 3))
-    >>> bn.moving_mean.aggregation, bn.gamma.aggregation
-    ('mean', 'none')
+    Examples:
+        >>> import keras
+        >>> bn = keras.layers.BatchNormalization()
+        >>> build_replica_synced(bn, (None, 3))
+        >>> bn.moving_mean.aggregation, bn.gamma.aggregation
+        ('mean', 'none')
     """
     add_weight = layer.add_weight
 
@@ -184,7 +205,7 @@ class QuantizedLayer(keras.layers.Layer):
     therefore part of the compiled graph: changing a threshold never retraces,
     and they fire at the exact step even with `steps_per_execution > 1`.
 
-    Subclasses call `self._build_schedule()` in `build`, get the current
+    Subclasses call `self._build_quantization_state()` in `build`, get the current
     phase from `self._phase(training)` and call `self._advance(training)` at
     the end of `call`.
 
@@ -215,7 +236,8 @@ class QuantizedLayer(keras.layers.Layer):
             average_divisor=average_divisor,
         )
 
-    def _build_schedule(self):
+    def _build_quantization_state(self):
+        """Creates the schedule variables and every activation quantizer's range."""
         self.qat_step = self.add_weight(
             name="qat_step",
             shape=(),
@@ -233,6 +255,8 @@ class QuantizedLayer(keras.layers.Layer):
             trainable=False,
         )
         self.static_phase = static_phase(DEFAULT_SCHEDULE, step=0)
+        for quantizer in self.activation_quantizers():
+            quantizer.build(self)
 
     def set_qat_schedule(self, schedule, steps_ahead=None):
         """Sets the switch steps and what the next training steps can skip.
@@ -257,8 +281,9 @@ class QuantizedLayer(keras.layers.Layer):
         )
 
     def activation_quantizers(self):
-        """Returns this layer's `ActivationQuantizer`s."""
-        return []
+        """Returns this layer's `ActivationQuantizer`s: its output's, if any."""
+        quantizer = getattr(self, "output_quantizer", None)
+        return [] if quantizer is None else [quantizer]
 
     def _phase(self, training):
         """Returns (quantize, bn_frozen, ranges_frozen).

@@ -5,6 +5,7 @@ from keras import ops
 
 from qat_plugin.layers.base import (
     QuantizedLayer,
+    batch_norm_affine,
     build_replica_synced,
     check_fused_activation,
     is_exporting,
@@ -32,12 +33,11 @@ class QuantizedBatchNormalization(QuantizedLayer):
         num_bits: activation bit width.
         ema_decay: decay of the range observers.
 
-    Example:
-
-    >>> import numpy as np
-    >>> bn = QuantizedBatchNormalization(keras.layers.BatchNormalization())
-    >>> tuple(bn(np.random.rand(4, 3).astype("float32"), training=True).shape)
-    (4, 3)
+    Examples:
+        >>> import numpy as np
+        >>> bn = QuantizedBatchNormalization(keras.layers.BatchNormalization())
+        >>> tuple(bn(np.random.rand(4, 3).astype("float32"), training=True).shape)
+        (4, 3)
     """
 
     _sublayer_keys = ("layer",)
@@ -55,25 +55,13 @@ class QuantizedBatchNormalization(QuantizedLayer):
     def build(self, input_shape):
         if not self.layer.built:
             build_replica_synced(self.layer, input_shape)
-        self._build_schedule()
-        for quantizer in self.activation_quantizers():
-            quantizer.build(self)
+        self._build_quantization_state()
 
     def activation_quantizers(self):
         return [self.scale_quantizer, self.output_quantizer]
 
-    def _affine(self, mean, variance):
-        bn = self.layer
-        scale = ops.rsqrt(variance + bn.epsilon)
-        if bn.scale:
-            scale = scale * bn.gamma
-        shift = -mean * scale
-        if bn.center:
-            shift = shift + bn.beta
-        return scale, shift
-
     def export_constants(self):
-        scale, shift = self._affine(
+        scale, shift = batch_norm_affine(self.layer, 
             self.layer.moving_mean, self.layer.moving_variance
         )
         return {
@@ -89,12 +77,12 @@ class QuantizedBatchNormalization(QuantizedLayer):
             scale = ops.convert_to_tensor(self._export_constants["scale"])
             shift = ops.convert_to_tensor(self._export_constants["shift"])
         else:
-            scale, shift = self._affine(bn.moving_mean, bn.moving_variance)
+            scale, shift = batch_norm_affine(self.layer, bn.moving_mean, bn.moving_variance)
             if training and bn_frozen is not True:
                 axis = bn.axis % rank
                 reduce_axes = [i for i in range(rank) if i != axis]
                 mean, variance = ops.moments(inputs, axes=reduce_axes)
-                batch_scale, batch_shift = self._affine(mean, variance)
+                batch_scale, batch_shift = batch_norm_affine(self.layer, mean, variance)
                 scale = select(bn_frozen, scale, batch_scale)
                 shift = select(bn_frozen, shift, batch_shift)
                 update_moving_statistics(bn, mean, variance, bn_frozen)

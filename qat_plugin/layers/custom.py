@@ -59,17 +59,16 @@ class QuantizedCustomLayer(QuantizedLayer):
         num_bits: activation bit width.
         ema_decay: decay of the range observer.
 
-    Example:
-
-    >>> import numpy as np
-    >>> class Project(keras.layers.Layer):
-    ...     def build(self, input_shape):
-    ...         self.kernel = self.add_weight(shape=(input_shape[-1], 2))
-    ...     def call(self, x):
-    ...         return keras.ops.matmul(x, self.kernel)
-    >>> layer = QuantizedCustomLayer(Project(), weights={"kernel": -1})
-    >>> tuple(layer(np.ones((1, 3), "float32"), training=True).shape)
-    (1, 2)
+    Examples:
+        >>> import numpy as np
+        >>> class Project(keras.layers.Layer):
+        ...     def build(self, input_shape):
+        ...         self.kernel = self.add_weight(shape=(input_shape[-1], 2))
+        ...     def call(self, x):
+        ...         return keras.ops.matmul(x, self.kernel)
+        >>> layer = QuantizedCustomLayer(Project(), weights={"kernel": -1})
+        >>> tuple(layer(np.ones((1, 3), "float32"), training=True).shape)
+        (1, 2)
     """
 
     _sublayer_keys = ("layer",)
@@ -122,12 +121,7 @@ class QuantizedCustomLayer(QuantizedLayer):
                     "attributes the layer stores its weights in."
                 )
             _reduce_axes(name, weight.shape, self.weight_axes[name])
-        self._build_schedule()
-        if self.output_quantizer is not None:
-            self.output_quantizer.build(self)
-
-    def activation_quantizers(self):
-        return [] if self.output_quantizer is None else [self.output_quantizer]
+        self._build_quantization_state()
 
     def _quantized_weights(self):
         return {

@@ -18,14 +18,13 @@ class FakeQuant(QuantizedLayer):
         ema_decay: decay of the range observer.
         fixed_range: `(min, max)` to quantize to instead of observing.
 
-    Example:
-
-    >>> import numpy as np
-    >>> layer = FakeQuant()
-    >>> _ = layer(np.linspace(-1, 1, 8, dtype="float32")[None], training=True)
-    >>> y = layer(np.array([[0.1]], "float32"))
-    >>> bool(abs(float(y[0, 0]) - 0.1) < 2 / 255)
-    True
+    Examples:
+        >>> import numpy as np
+        >>> layer = FakeQuant()
+        >>> _ = layer(np.linspace(-1, 1, 8, dtype="float32")[None], training=True)
+        >>> y = layer(np.array([[0.1]], "float32"))
+        >>> bool(abs(float(y[0, 0]) - 0.1) < 2 / 255)
+        True
     """
 
     def __init__(self, num_bits=8, ema_decay=0.99, fixed_range=None, **kwargs):
@@ -36,11 +35,7 @@ class FakeQuant(QuantizedLayer):
         )
 
     def build(self, input_shape):
-        self._build_schedule()
-        self.output_quantizer.build(self)
-
-    def activation_quantizers(self):
-        return [self.output_quantizer]
+        self._build_quantization_state()
 
     def call(self, inputs, training=False):
         quantize, _, ranges_frozen = self._phase(training)

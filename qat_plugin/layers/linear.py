@@ -5,6 +5,8 @@ from keras import ops
 
 from qat_plugin.layers.base import (
     QuantizedLayer,
+    batch_norm_affine,
+    batch_norm_scale,
     build_replica_synced,
     check_fused_activation,
     update_moving_statistics,
@@ -56,15 +58,14 @@ class QuantizedLinear(QuantizedLayer):
         num_bits: activation bit width.
         ema_decay: decay of the activation range observers.
 
-    Example:
-
-    >>> import numpy as np
-    >>> conv = keras.layers.Conv2D(4, 3)
-    >>> layer = QuantizedLinear(conv, keras.layers.BatchNormalization(),
-    ...                         activation="relu")
-    >>> y = layer(np.random.rand(2, 8, 8, 3).astype("float32"), training=True)
-    >>> tuple(y.shape)
-    (2, 6, 6, 4)
+    Examples:
+        >>> import numpy as np
+        >>> conv = keras.layers.Conv2D(4, 3)
+        >>> layer = QuantizedLinear(conv, keras.layers.BatchNormalization(),
+        ...                         activation="relu")
+        >>> y = layer(np.random.rand(2, 8, 8, 3).astype("float32"), training=True)
+        >>> tuple(y.shape)
+        (2, 6, 6, 4)
     """
 
     _sublayer_keys = ("layer", "batch_norm")
@@ -113,9 +114,7 @@ class QuantizedLinear(QuantizedLayer):
             build_replica_synced(
                 self.batch_norm, self.layer.compute_output_shape(input_shape)
             )
-        self._build_schedule()
-        for quantizer in self.activation_quantizers():
-            quantizer.build(self)
+        self._build_quantization_state()
 
     def activation_quantizers(self):
         if self.intermediate_quantizer is None:
@@ -126,11 +125,7 @@ class QuantizedLinear(QuantizedLayer):
 
     def _bn_channel_scale(self):
         """`gamma / sqrt(moving_variance + epsilon)`, the fold factor."""
-        bn = self.batch_norm
-        scale = ops.rsqrt(bn.moving_variance + bn.epsilon)
-        if bn.scale:
-            scale = scale * bn.gamma
-        return scale
+        return batch_norm_scale(self.batch_norm, self.batch_norm.moving_variance)
 
     def _float_kernels(self):
         """The kernels before quantization, folded with the moving BN stats."""
@@ -273,12 +268,7 @@ class QuantizedLinear(QuantizedLayer):
         update_moving_statistics(
             bn, mean if bias is None else mean + bias, variance, bn_frozen
         )
-        batch_scale = ops.rsqrt(variance + bn.epsilon)
-        if bn.scale:
-            batch_scale = batch_scale * bn.gamma
-        shift = -mean * batch_scale
-        if bn.center:
-            shift = shift + bn.beta
+        batch_scale, shift = batch_norm_affine(bn, mean, variance)
         frozen_shift = ops.zeros_like(shift) if folded_bias is None else folded_bias
         multiplier = select(bn_frozen, 1.0, batch_scale / fold_scale)
         shift = select(bn_frozen, frozen_shift, shift)

@@ -57,15 +57,14 @@ class OperationLayer(keras.layers.Layer):
             placeholder, as made by `argument_template`; by default the
             operation takes the tensors as its positional arguments.
 
-    Example:
-
-    >>> import numpy as np
-    >>> from keras.src.ops.numpy import Add
-    >>> x = keras.Input((2,))
-    >>> template, tensors = argument_template((x, 3.0), {})
-    >>> layer = OperationLayer(Add(), arguments=template)
-    >>> keras.ops.convert_to_numpy(layer([np.ones((1, 2), "float32")])).tolist()
-    [[4.0, 4.0]]
+    Examples:
+        >>> import numpy as np
+        >>> from keras.src.ops.numpy import Add
+        >>> x = keras.Input((2,))
+        >>> template, tensors = argument_template((x, 3.0), {})
+        >>> layer = OperationLayer(Add(), arguments=template)
+        >>> keras.ops.convert_to_numpy(layer([np.ones((1, 2), "float32")])).tolist()
+        [[4.0, 4.0]]
     """
 
     def __init__(self, operation, arguments=None, **kwargs):

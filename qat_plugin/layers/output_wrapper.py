@@ -28,13 +28,12 @@ class QuantizeOutputWrapper(QuantizedLayer):
         num_bits: activation bit width.
         ema_decay: decay of the range observer.
 
-    Example:
-
-    >>> import numpy as np
-    >>> add = QuantizeOutputWrapper(keras.layers.Add(), activation="relu")
-    >>> a = np.array([[1.0, -3.0]], "float32")
-    >>> tuple(add([a, a], training=True).shape)
-    (1, 2)
+    Examples:
+        >>> import numpy as np
+        >>> add = QuantizeOutputWrapper(keras.layers.Add(), activation="relu")
+        >>> a = np.array([[1.0, -3.0]], "float32")
+        >>> tuple(add([a, a], training=True).shape)
+        (1, 2)
     """
 
     _sublayer_keys = ("layer",)
@@ -63,11 +62,7 @@ class QuantizeOutputWrapper(QuantizedLayer):
     def build(self, input_shape):
         if not self.layer.built:
             self.layer.build(input_shape)
-        self._build_schedule()
-        self.output_quantizer.build(self)
-
-    def activation_quantizers(self):
-        return [self.output_quantizer]
+        self._build_quantization_state()
 
     def call(self, inputs, training=False):
         quantize, _, ranges_frozen = self._phase(training)

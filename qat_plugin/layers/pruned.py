@@ -71,14 +71,13 @@ class PrunedLayer(keras.layers.Layer):
         structure: `"unstructured"` or `"N:M"` (N zeros in every M
             consecutive weights along the input channels, e.g. `"2:4"`).
 
-    Example:
-
-    >>> import numpy as np
-    >>> from qat_plugin.sparsity import ConstantSparsity
-    >>> layer = PrunedLayer(keras.layers.Dense(4), ConstantSparsity(0.75))
-    >>> _ = layer(np.ones((2, 8), "float32"), training=True)
-    >>> layer.sparsity()
-    0.75
+    Examples:
+        >>> import numpy as np
+        >>> from qat_plugin.sparsity import ConstantSparsity
+        >>> layer = PrunedLayer(keras.layers.Dense(4), ConstantSparsity(0.75))
+        >>> _ = layer(np.ones((2, 8), "float32"), training=True)
+        >>> layer.sparsity()
+        0.75
     """
 
     def __init__(self, layer, schedule=None, structure="unstructured", **kwargs):

@@ -52,17 +52,16 @@ def prune_model(model, sparsity=None, *, structure="unstructured", schedule=None
     Returns:
         A new `keras.Model` of the same kind.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([
-    ...     keras.Input((8,)), keras.layers.Dense(8, name="hidden"),
-    ...     keras.layers.Dense(2, name="head")])
-    >>> pruned = qat_plugin.prune_model(model, 0.5, skip=["head"])
-    >>> pruned.compile("sgd", "mse")
-    >>> _ = pruned.fit(np.ones((4, 8)), np.ones((4, 2)), verbose=0)
-    >>> pruned.get_layer("hidden").sparsity()
-    0.5
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> model = keras.Sequential([
+        ...     keras.Input((8,)), keras.layers.Dense(8, name="hidden"),
+        ...     keras.layers.Dense(2, name="head")])
+        >>> pruned = qat_plugin.prune_model(model, 0.5, skip=["head"])
+        >>> pruned.compile("sgd", "mse")
+        >>> _ = pruned.fit(np.ones((4, 8)), np.ones((4, 2)), verbose=0)
+        >>> pruned.get_layer("hidden").sparsity()
+        0.5
     """
     graph = LayerGraph.from_model(model)
     layers = {node.name: node.layer for node in graph.nodes}
@@ -167,16 +166,15 @@ def strip_pruning(model):
     the pruning machinery. A QAT model (from `quantize_model`) needs no
     stripping: `export_tflite` writes its pruned weights as int8 zeros.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
-    >>> pruned = qat_plugin.prune_model(model, 0.5)
-    >>> _ = pruned(np.ones((1, 8)), training=True)  # computes the masks
-    >>> plain = qat_plugin.strip_pruning(pruned)
-    >>> kernel = keras.ops.convert_to_numpy(plain.layers[0].kernel)
-    >>> type(plain.layers[0]).__name__, float((kernel == 0).mean())
-    ('Dense', 0.5)
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+        >>> pruned = qat_plugin.prune_model(model, 0.5)
+        >>> _ = pruned(np.ones((1, 8)), training=True)  # computes the masks
+        >>> plain = qat_plugin.strip_pruning(pruned)
+        >>> kernel = keras.ops.convert_to_numpy(plain.layers[0].kernel)
+        >>> type(plain.layers[0]).__name__, float((kernel == 0).mean())
+        ('Dense', 0.5)
     """
     LayerGraph.from_model(model)  # Clear errors for unsupported models.
     copies = []

@@ -34,15 +34,14 @@ def calibrate(model, data, steps=None, batch_size=32):
     Returns:
         The number of batches run.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> qat = qat_plugin.quantize_model(model)
-    >>> qat_plugin.calibrate(qat, np.random.rand(64, 4).astype("float32"))
-    2
-    >>> qat_plugin.inspect_tflite(qat_plugin.export_tflite(qat)).is_fully_int8
-    True
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> qat = qat_plugin.quantize_model(model)
+        >>> qat_plugin.calibrate(qat, np.random.rand(64, 4).astype("float32"))
+        2
+        >>> qat_plugin.inspect_tflite(qat_plugin.export_tflite(qat)).is_fully_int8
+        True
     """
     if not is_quantized(model):
         raise ValueError(

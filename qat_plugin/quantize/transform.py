@@ -46,20 +46,19 @@ def quantize_model(model, recipe="int8", *, skip=()):
     Returns:
         A new Functional `keras.Model`.
 
-    Example:
-
-    >>> import keras, qat_plugin
-    >>> model = keras.Sequential([
-    ...     keras.Input((8, 8, 1)),
-    ...     keras.layers.Conv2D(4, 3),
-    ...     keras.layers.BatchNormalization(),
-    ...     keras.layers.ReLU(),
-    ...     keras.layers.GlobalAveragePooling2D(),
-    ...     keras.layers.Dense(2),
-    ... ])
-    >>> qat = qat_plugin.quantize_model(model)
-    >>> [type(layer).__name__ for layer in qat.layers][1:]
-    ['FakeQuant', 'QuantizedLinear', 'QuantizeOutputWrapper', 'QuantizedLinear']
+    Examples:
+        >>> import keras, qat_plugin
+        >>> model = keras.Sequential([
+        ...     keras.Input((8, 8, 1)),
+        ...     keras.layers.Conv2D(4, 3),
+        ...     keras.layers.BatchNormalization(),
+        ...     keras.layers.ReLU(),
+        ...     keras.layers.GlobalAveragePooling2D(),
+        ...     keras.layers.Dense(2),
+        ... ])
+        >>> qat = qat_plugin.quantize_model(model)
+        >>> [type(layer).__name__ for layer in qat.layers][1:]
+        ['FakeQuant', 'QuantizedLinear', 'QuantizeOutputWrapper', 'QuantizedLinear']
     """
     scheme = resolve(recipe).quantization
     graph = LayerGraph.from_model(model)
