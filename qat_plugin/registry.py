@@ -298,6 +298,8 @@ _ROWS = {
         _L.Cropping3D, _L.UpSampling1D, _L.UpSampling3D, _L.Permute,
         _L.RepeatVector, numpy_ops.Reshape, numpy_ops.Transpose,
         numpy_ops.ExpandDims, numpy_ops.Squeeze, numpy_ops.GetItem,
+        # SPLIT, REDUCE_MAX and REDUCE_MIN keep their input's scale.
+        numpy_ops.Split, numpy_ops.Max, numpy_ops.Min,
     ), policy=PASSTHROUGH),
 }
 

@@ -136,6 +136,14 @@ def _pooled_concatenation(x):
     return _head(L.Concatenate()([branch, L.MaxPooling2D(3, strides=2)(x)]))
 
 
+def _split_and_reductions(x):
+    # CSPDarkNet-style channel split; max/min reductions over space.
+    a, b = keras.ops.split(_conv(x), 2, axis=-1)
+    a = keras.ops.max(_conv(a, 4, 1, activation="relu"), axis=(1, 2))
+    b = keras.ops.min(_conv(b, 4, 1), axis=(1, 2))
+    return L.Dense(5)(L.Concatenate()([a, b]))
+
+
 CASES = {
     "dense_block": _dense_block,
     "pooled_concatenation": _pooled_concatenation,
@@ -151,6 +159,7 @@ CASES = {
     "elementwise": _elementwise,
     "layer_scale": _layer_scale,
     "custom_scale": _custom_scale,
+    "split_and_reductions": _split_and_reductions,
 }
 
 
