@@ -34,7 +34,7 @@ The public API:
 
 import warnings
 
-from qat_plugin import callbacks, recipes
+from qat_plugin import callbacks, layers, recipes
 from qat_plugin.analysis import (
     CandidateResult,
     ComparisonReport,
@@ -71,7 +71,7 @@ from qat_plugin.tflite import (
     inspect_tflite,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ArenaPlan",
@@ -130,7 +130,5 @@ def __getattr__(name):
             DeprecationWarning,
             stacklevel=2,
         )
-        from qat_plugin import layers
-
         return getattr(layers, name)
     raise AttributeError(f"module 'qat_plugin' has no attribute {name!r}")

@@ -55,11 +55,11 @@ from qat_plugin.config.recipe import (
 )
 from qat_plugin.callbacks import PruningScheduler, QuantizationScheduler
 from qat_plugin.config import recipe_files
+from qat_plugin.config.constants import UNSTRUCTURED
 from qat_plugin.errors import RecipeError
 from qat_plugin.layers.base import is_quantized
-from qat_plugin.pruning import prune_model, pruned_layers
+from qat_plugin.pruning import n_of_m_misfits, prune_model, pruned_layers
 from qat_plugin.quantize import quantize_model
-from qat_plugin.registry import linear_op_for
 from qat_plugin.sparsity import ConstantSparsity, PolynomialDecay
 from qat_plugin.tflite.convert import export_tflite
 from qat_plugin.tflite.inspection import inspect_tflite
@@ -98,8 +98,8 @@ class Recipe(RecipeConfig):
         begin, end = (self._steps(v, p.unit, steps_per_epoch, "pruning")
                       for v in (p.begin, p.end))
         if skip is None:
-            skip = _n_of_m_misfits(model, p.structure)
-        if p.structure != "unstructured":
+            skip = n_of_m_misfits(model, p.structure)
+        if p.structure != UNSTRUCTURED:
             # The pattern fixes the sparsity; masks update until `end`.
             n, m = (int(v) for v in p.structure.split(":"))
             schedule = ConstantSparsity(n / m, begin_step=begin,
@@ -165,22 +165,6 @@ class Recipe(RecipeConfig):
                 "steps_per_epoch= (the fine-tuning's steps per epoch)."
             )
         return round(value * steps_per_epoch)
-
-
-def _n_of_m_misfits(model, structure):
-    """Names of the layers whose kernels' input channels N:M cannot group."""
-    if structure == "unstructured":
-        return []
-    m = int(structure.split(":")[1])
-    misfits = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        op = linear_op_for(layer)
-        if op is not None and any(
-            getattr(layer, name).shape[-2] % m for name in op.kernel_names
-        ):
-            misfits.append(layer.name)
-    return misfits
-
 
 
 def names():

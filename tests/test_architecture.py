@@ -91,3 +91,14 @@ def test_the_checker_sees_a_violation():
     found = list(_imports(ROOT / "recipes" / "__init__.py"))
     assert any(module.startswith("qat_plugin.quantize") for _, module, _ in found)
     assert _stage("qat_plugin.demo") == "demo" and "demo" not in ALLOWED["recipes"]
+
+
+def test_layer_classes_moved_to_layers_still_import_from_the_top_with_a_warning():
+    import qat_plugin
+    from qat_plugin import layers
+
+    with pytest.warns(DeprecationWarning, match="qat_plugin.layers.QuantizedLinear"):
+        moved = qat_plugin.QuantizedLinear
+    assert moved is layers.QuantizedLinear
+    with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
+        qat_plugin.NotAThing

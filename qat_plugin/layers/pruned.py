@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from qat_plugin.registry import linear_class_names, linear_op_for
+from qat_plugin.config.constants import UNSTRUCTURED
 from qat_plugin.sparsity import (
     ConstantSparsity,
     PruningSchedule,
@@ -80,7 +81,7 @@ class PrunedLayer(keras.layers.Layer):
         0.75
     """
 
-    def __init__(self, layer, schedule=None, structure="unstructured", **kwargs):
+    def __init__(self, layer, schedule=None, structure=UNSTRUCTURED, **kwargs):
         kwargs.setdefault("name", layer.name)
         super().__init__(**kwargs)
         self.linear_op = linear_op_for(layer)

@@ -1,5 +1,10 @@
 """Magnitude and N:M pruning kept through QAT into the int8 export."""
 
-from qat_plugin.pruning.prune import prune_model, pruned_layers, strip_pruning
+from qat_plugin.pruning.prune import (
+    n_of_m_misfits,
+    prune_model,
+    pruned_layers,
+    strip_pruning,
+)
 
-__all__ = ["prune_model", "pruned_layers", "strip_pruning"]
+__all__ = ["n_of_m_misfits", "prune_model", "pruned_layers", "strip_pruning"]

@@ -5,7 +5,8 @@ from keras.src.saving import serialization_lib
 
 from qat_plugin.quantize.graph import LayerGraph
 from qat_plugin.layers.linear import QuantizedLinear
-from qat_plugin.layers.pruned import PrunedLayer
+from qat_plugin.config.constants import UNSTRUCTURED
+from qat_plugin.layers.pruned import INPUT_CHANNEL_AXIS, PrunedLayer
 from qat_plugin.registry import linear_class_names, linear_op_for
 from qat_plugin.sparsity import (
     ConstantSparsity,
@@ -17,7 +18,7 @@ from qat_plugin.sparsity import (
 _OPTIONS = ("sparsity", "structure", "schedule")
 
 
-def prune_model(model, sparsity=None, *, structure="unstructured", schedule=None,
+def prune_model(model, sparsity=None, *, structure=UNSTRUCTURED, schedule=None,
                 skip=(), per_layer=None):
     """Returns a copy of `model` whose Conv/Dense kernels are magnitude-pruned in training.
 
@@ -146,6 +147,34 @@ def _plan(name, sparsity, structure, schedule):
             "or a schedule for unstructured pruning."
         )
     return schedule, pattern
+
+
+def n_of_m_misfits(model, structure):
+    """Names of the layers whose kernels' input channels N:M cannot group.
+
+    N:M pruning groups M consecutive input channels: a kernel with a
+    channel count that is not a multiple of M (a 1- or 3-channel image
+    stem) cannot hold the pattern.
+
+    Examples:
+        >>> import keras
+        >>> model = keras.Sequential([keras.Input((8, 8, 3)),
+        ...     keras.layers.Conv2D(8, 3, name="stem"),
+        ...     keras.layers.Conv2D(8, 1, name="pointwise")])
+        >>> n_of_m_misfits(model, "2:4")
+        ['stem']
+    """
+    if structure == UNSTRUCTURED:
+        return []
+    m = int(structure.split(":")[1])
+    misfits = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        op = linear_op_for(layer)
+        if op is not None and any(
+            getattr(layer, name).shape[INPUT_CHANNEL_AXIS] % m for name in op.kernel_names
+        ):
+            misfits.append(layer.name)
+    return misfits
 
 
 def pruned_layers(model):
