@@ -5,7 +5,7 @@ import os
 import keras
 
 from qat_plugin.distribution import is_primary_process
-from qat_plugin.analysis.compare import top1_accuracy
+from qat_plugin.analysis.metrics import top1_accuracy
 from qat_plugin.layers.base import is_quantized
 from qat_plugin.tflite.convert import export_tflite
 from qat_plugin.files import write_bytes_atomic

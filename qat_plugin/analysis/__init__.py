@@ -1,6 +1,6 @@
 """QAT against PTQ in the interpreter: comparison, layer-wise error, parity."""
 
-from qat_plugin.analysis.compare import CandidateResult, ComparisonReport, compare
+from qat_plugin.analysis.compare import compare
 from qat_plugin.analysis.layerwise import LayerwiseReport, layerwise_error
 from qat_plugin.analysis.parity import (
     LocalParity,
@@ -8,6 +8,7 @@ from qat_plugin.analysis.parity import (
     measure_local_parity,
     measure_parity,
 )
+from qat_plugin.analysis.report import CandidateResult, ComparisonReport
 
 __all__ = [
     "CandidateResult",

@@ -1,9 +1,6 @@
 """`compare`: QAT against post-training quantization, measured in LiteRT."""
 
-import dataclasses
 import gzip
-import io
-import json
 import os
 import platform
 import time
@@ -11,295 +8,20 @@ import time
 import keras
 import numpy as np
 
+from qat_plugin.analysis.metrics import agreement, as_list, measure_latency, metric_function
+from qat_plugin.analysis.report import CandidateResult, ComparisonReport
 from qat_plugin.data.batches import labelled_arrays, model_call_inputs
 from qat_plugin.layers.base import is_quantized
 from qat_plugin.tflite.convert import CALIBRATED_MODES, MODES, export_tflite
-from qat_plugin.files import write_bytes_atomic
 from qat_plugin.tflite.inspection import inspect_tflite
 from qat_plugin.tflite.interpreter import TFLiteModel
+
+__all__ = ["DEFAULT_MODES", "compare", "measure_latency"]
 
 DEFAULT_MODES = ("float", "dynamic", "float16", "int8")
 # Evaluation longer than this (estimated after the first batch) shows a
 # progress bar.
 _PROGRESS_AFTER_SECONDS = 3.0
-
-
-@dataclasses.dataclass(frozen=True)
-class CandidateResult:
-    """One exported model, measured.
-
-    Attributes:
-        name: `"float"`, `"ptq-<mode>"` or `"qat-int8"` (`"qat-int16x8"`).
-        mode: the export mode.
-        metric: the score on the evaluation data (top-1 accuracy by
-            default).
-        agreement: fraction of samples whose top-1 class equals the float
-            Keras model's (None when the output has no class axis).
-        size_bytes, gzip_bytes: the .tflite size, raw and gzip-compressed
-            (level 9).
-        latency_ms_median, latency_ms_p90: single-sample `invoke()` time.
-        export_seconds: conversion wall time.
-        fully_int8: `inspect_tflite(...).is_fully_int8`.
-        float_ops: how many ops still compute in float.
-        tflite: the model bytes (not part of the JSON).
-    """
-
-    name: str
-    mode: str
-    metric: float
-    agreement: float
-    size_bytes: int
-    gzip_bytes: int
-    latency_ms_median: float
-    latency_ms_p90: float
-    export_seconds: float
-    fully_int8: bool
-    float_ops: int
-    tflite: bytes = dataclasses.field(repr=False)
-
-    def to_dict(self):
-        row = dataclasses.asdict(self)
-        del row["tflite"]
-        return row
-
-
-@dataclasses.dataclass(frozen=True)
-class ComparisonReport:
-    """The result of `compare`: one `CandidateResult` per candidate.
-
-    Attributes:
-        rows: the candidates, in the order measured.
-        metric_name: what `CandidateResult.metric` is.
-        num_samples: evaluation samples.
-        settings: how latency was measured (threads, XNNPACK, runs) and the
-            software versions.
-    """
-
-    rows: tuple
-    metric_name: str
-    num_samples: int
-    settings: dict
-
-    def __getitem__(self, name):
-        for row in self.rows:
-            if row.name == name:
-                return row
-        raise KeyError(
-            f"No candidate '{name}'; candidates: {[r.name for r in self.rows]}."
-        )
-
-    def to_dict(self):
-        return {
-            "metric": self.metric_name,
-            "num_samples": self.num_samples,
-            "settings": self.settings,
-            "candidates": [row.to_dict() for row in self.rows],
-        }
-
-    def to_json(self):
-        """The report as a JSON string (the model bytes left out)."""
-        return json.dumps(self.to_dict(), indent=2)
-
-    def to_markdown(self):
-        """The report as a Markdown table with a line on how it was measured."""
-        header = (
-            f"| candidate | {self.metric_name} | agreement with float | size (KB) "
-            "| gzip (KB) | latency median (ms) | latency p90 (ms) | "
-            "export (s) | fully int8 |"
-        )
-        lines = [header, "|" + "---|" * 9]
-        for r in self.rows:
-            agreement = "n/a" if r.agreement is None else f"{100 * r.agreement:.2f}%"
-            lines.append(
-                f"| {r.name} | {_format_metric(r.metric, self.metric_name)} | "
-                f"{agreement} | {r.size_bytes / 1024:.1f} | "
-                f"{r.gzip_bytes / 1024:.1f} | {r.latency_ms_median:.3f} | "
-                f"{r.latency_ms_p90:.3f} | {r.export_seconds:.1f} | "
-                f"{'yes' if r.fully_int8 else 'no'} |"
-            )
-        s = self.settings
-        lines.append("")
-        lines.append(
-            f"{self.num_samples} evaluation samples in the LiteRT interpreter; "
-            "agreement: same top-1 class as the float Keras model. "
-            f"Latency: {s['latency_runs']} single-sample invokes after "
-            f"{s['warmup_runs']} warm-up, XNNPACK {'on' if s['xnnpack'] else 'off'}, "
-            f"{s['num_threads']} thread(s), {s['machine']}."
-        )
-        return "\n".join(lines)
-
-    def __str__(self):
-        return self.to_markdown()
-
-    def plot_png(self, references=None):
-        """Returns a PNG (bytes) of the metric against size, one labelled point per candidate.
-
-        Args:
-            references: optional `{label: metric value}` drawn as dashed
-                horizontal lines (for example a float model's score).
-        """
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(6.4, 4.2), dpi=120)
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        for r in self.rows:
-            color = "tab:red" if r.name.startswith("qat") else (
-                "tab:gray" if r.mode == "float" else "tab:blue"
-            )
-            x, y = r.size_bytes / 1024, _plot_value(r.metric, self.metric_name)
-            axes.scatter([x], [y], color=color, s=50, zorder=3)
-        for i, (label, value) in enumerate((references or {}).items()):
-            axes.axhline(
-                _plot_value(value, self.metric_name), linestyle="--",
-                color=f"C{2 + i}", linewidth=1, label=label,
-            )
-        if references:
-            axes.legend(loc="lower right", fontsize=8)
-        axes.set_xlabel("model size (KB)")
-        axes.set_ylabel(
-            f"{self.metric_name} (%)" if _is_fraction(self.metric_name) else self.metric_name
-        )
-        axes.set_title(f"{self.metric_name} against size ({self.num_samples} samples)")
-        axes.grid(True, alpha=0.3)
-        axes.margins(x=0.15, y=0.3)
-        figure.tight_layout()
-        # Placed last: label overlap is judged in the final layout.
-        _label_points(figure, axes, self.rows, self.metric_name)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return buffer.getvalue()
-
-    def save_plot(self, path, references=None):
-        """Writes `plot_png(references)` to `path` atomically."""
-        write_bytes_atomic(path, self.plot_png(references))
-
-    def save(self, directory, models=True, references=None):
-        """Writes comparison.md, comparison.json, comparison.png (and the models).
-
-        Returns:
-            A dict of the written paths.
-        """
-        os.makedirs(directory, exist_ok=True)
-        paths = {
-            "markdown": os.path.join(directory, "comparison.md"),
-            "json": os.path.join(directory, "comparison.json"),
-            "plot": os.path.join(directory, "comparison.png"),
-        }
-        write_bytes_atomic(paths["markdown"], (self.to_markdown() + "\n").encode())
-        write_bytes_atomic(paths["json"], (self.to_json() + "\n").encode())
-        self.save_plot(paths["plot"], references)
-        if models:
-            for r in self.rows:
-                path = os.path.join(directory, f"{r.name}.tflite")
-                write_bytes_atomic(path, r.tflite)
-                paths[r.name] = path
-        return paths
-
-
-# Label positions tried in turn (offsets in points, alignment), the first
-# that overlaps no label already placed wins.
-_LABEL_PLACES = (
-    ((0, 8), "center", "bottom"),
-    ((0, -8), "center", "top"),
-    ((8, 0), "left", "center"),
-    ((-8, 0), "right", "center"),
-    ((0, 30), "center", "bottom"),
-    ((0, -30), "center", "top"),
-)
-
-
-def _label_points(figure, axes, rows, metric_name):
-    """Annotates each point with its name and latency, avoiding overlaps."""
-    renderer = figure.canvas.get_renderer()
-    placed = []
-    for r in sorted(rows, key=lambda r: r.size_bytes):
-        xy = (r.size_bytes / 1024, _plot_value(r.metric, metric_name))
-        for offset, ha, va in _LABEL_PLACES:
-            label = axes.annotate(
-                f"{r.name}\n{r.latency_ms_median:.3g} ms", xy,
-                textcoords="offset points", xytext=offset, ha=ha, va=va, fontsize=8,
-            )
-            box = label.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
-                break
-            label.remove()
-        else:
-            label = axes.annotate(
-                f"{r.name}\n{r.latency_ms_median:.3g} ms", xy, textcoords="offset points",
-                xytext=_LABEL_PLACES[0][0], ha="center", va="bottom", fontsize=8,
-            )
-            box = label.get_window_extent(renderer)
-        placed.append(box)
-
-
-def _is_fraction(metric_name):
-    return metric_name in ("top-1 accuracy",)
-
-
-def _format_metric(value, metric_name):
-    return f"{100 * value:.2f}%" if _is_fraction(metric_name) else f"{value:.4g}"
-
-
-def _plot_value(value, metric_name):
-    return 100 * value if _is_fraction(metric_name) else value
-
-
-def top1_accuracy(y_true, y_pred):
-    """Top-1 accuracy of class scores `y_pred` against labels or one-hot `y_true`.
-
-    A single output unit is read as a probability thresholded at 0.5.
-
-    Example:
-
-    >>> import numpy as np
-    >>> top1_accuracy(np.array([1, 0]), np.array([[0.2, 0.8], [0.3, 0.7]]))
-    0.5
-    """
-    y_pred = np.asarray(y_pred)
-    y_true = np.asarray(y_true)
-    if y_pred.ndim < 2:
-        raise ValueError(
-            f"Top-1 accuracy needs class scores (a last axis of classes), got "
-            f"predictions of shape {y_pred.shape}; pass metric=... to compare."
-        )
-    if y_pred.shape[-1] == 1:  # one probability: binary accuracy at 0.5
-        predicted = (y_pred[..., 0] > 0.5).astype("int64")
-        return float(np.mean(predicted == y_true.reshape(predicted.shape)))
-    if y_true.ndim == y_pred.ndim and y_true.shape[-1] == y_pred.shape[-1]:
-        y_true = y_true.argmax(-1)
-    y_true = y_true.reshape(y_pred.shape[:-1])
-    return float(np.mean(y_pred.argmax(-1) == y_true))
-
-
-def _metric_function(metric):
-    if metric is None:
-        return "top-1 accuracy", top1_accuracy
-    if isinstance(metric, keras.metrics.Metric):
-
-        def score(y_true, y_pred):
-            metric.reset_state()
-            metric.update_state(y_true, y_pred)
-            return float(keras.ops.convert_to_numpy(metric.result()))
-
-        return metric.name, score
-    if callable(metric):
-        return getattr(metric, "__name__", "metric"), lambda t, p: float(metric(t, p))
-    raise TypeError(
-        "metric must be None (top-1 accuracy), a keras.metrics.Metric or a "
-        f"callable(y_true, y_pred) -> float; got {type(metric).__name__}."
-    )
-
-
-def _first_output(outputs):
-    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-
-
-def _agreement(reference, y_pred):
-    if reference.ndim < 2 or reference.shape[-1] < 2:
-        return None
-    return float(np.mean(reference.argmax(-1) == np.asarray(y_pred).argmax(-1)))
 
 
 def _predict(runner, inputs, batch_size, verbose, label):
@@ -308,7 +30,7 @@ def _predict(runner, inputs, batch_size, verbose, label):
     outputs, bar, start = [], None, time.perf_counter()
     for begin in range(0, count, batch_size):
         chunk = [a[begin : begin + batch_size] for a in inputs]
-        outputs.append(_first_output(runner.predict(chunk, batch_size=batch_size)))
+        outputs.append(as_list(runner.predict(chunk, batch_size=batch_size))[0])
         done = begin + len(chunk[0])
         if bar is None and verbose and done < count:
             estimate = (time.perf_counter() - start) * count / done
@@ -318,24 +40,6 @@ def _predict(runner, inputs, batch_size, verbose, label):
         if bar is not None:
             bar.update(done)
     return np.concatenate(outputs)
-
-
-def measure_latency(runner, inputs, warmup_runs, runs):
-    """Median and 90th percentile of `invoke()` on one sample, in ms.
-
-    One sample is set once (the input resized to batch 1); only
-    `interpreter.invoke()` is timed.
-    """
-    runner.predict([a[:1] for a in inputs])
-    for _ in range(warmup_runs):
-        runner.interpreter.invoke()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        runner.interpreter.invoke()
-        times.append(time.perf_counter() - start)
-    times = 1000 * np.array(times)
-    return float(np.median(times)), float(np.percentile(times, 90))
 
 
 def _settings(num_threads, warmup_runs, latency_runs):
@@ -396,7 +100,8 @@ def compare(
         metric: None (top-1 accuracy), a `keras.metrics.Metric` or a
             `callable(y_true, y_pred) -> float`; it sees the first output.
         num_threads: interpreter threads, for evaluation and latency.
-        warmup_runs, latency_runs: invokes before and during timing.
+        warmup_runs: interpreter invokes before timing starts.
+        latency_runs: timed invokes (the median and 90th percentile are reported).
         batch_size: samples per interpreter invoke during evaluation.
         calibration_steps: calibration samples for the PTQ int modes.
         verbose: `"auto"` (progress bar for long evaluations), 0 or 1.
@@ -405,15 +110,14 @@ def compare(
         A `ComparisonReport`: `str(report)` is a Markdown table,
         `report.to_json()`, `report.save_plot(path)`, `report.save(dir)`.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> x, y = np.random.rand(64, 4).astype("float32"), np.arange(64) % 3
-    >>> report = qat_plugin.analysis.compare(model, eval_data=(x, y),
-    ...     representative_data=x, modes=("float", "int8"), latency_runs=5)
-    >>> [row.name for row in report.rows]
-    ['float', 'ptq-int8']
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> x, y = np.random.rand(64, 4).astype("float32"), np.arange(64) % 3
+        >>> report = qat_plugin.analysis.compare(model, eval_data=(x, y),
+        ...     representative_data=x, modes=("float", "int8"), latency_runs=5)
+        >>> [row.name for row in report.rows]
+        ['float', 'ptq-int8']
     """
     modes = tuple(modes)
     unknown = [m for m in modes if m not in MODES]
@@ -435,13 +139,13 @@ def compare(
         )
     if not modes and qat_model is None:
         raise ValueError("Nothing to compare: give modes or a qat_model.")
-    metric_name, score = _metric_function(metric)
+    metric_name, score = metric_function(metric)
     inputs, targets = labelled_arrays(float_model, eval_data)
-    reference = _first_output(
+    reference = as_list(
         float_model.predict(
             model_call_inputs(float_model, inputs), batch_size=batch_size, verbose=0
         )
-    )
+    )[0]
 
     candidates = [
         ("float" if m == "float" else f"ptq-{m}", m, float_model) for m in modes
@@ -473,7 +177,7 @@ def compare(
                 name=name,
                 mode=mode,
                 metric=score(targets, y_pred),
-                agreement=_agreement(reference, y_pred),
+                agreement=agreement(reference, y_pred),
                 size_bytes=len(data),
                 gzip_bytes=len(gzip.compress(data, compresslevel=9)),
                 latency_ms_median=median,

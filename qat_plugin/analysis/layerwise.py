@@ -7,12 +7,10 @@ error accumulates through the network, so the table shows where the int8
 model drifts from float and how fast; the layer whose SQNR drops most is the
 one to keep in float (`quantize_model(..., skip=[...])`) or to look at.
 
-It serves PTQ and QAT exports alike. Tensors are matched to layers by name:
-the converter names a tensor after the TensorFlow ops that produced it,
-which carry the Keras layer names (`model/conv/Relu6;model/conv/BiasAdd`).
-A Conv -> BatchNormalization -> ReLU chain is one int8 op, so its tensor is
-compared with the last layer of the chain (found with the same fusion rules
-as `quantize_model`), which is also where a QAT model's fused layer ends.
+It serves PTQ and QAT exports alike. Tensors are matched to layers by name
+(`qat_plugin.analysis.matching`): a Conv -> BatchNormalization -> ReLU chain
+is one int8 op, so its tensor is compared with the last layer of the chain,
+which is also where a QAT model's fused layer ends.
 
 `ptq_local_error` adds the converter's own view for PTQ,
 `tf.lite.experimental.QuantizationDebugger`: each op's error when it is fed
@@ -27,16 +25,14 @@ shape differs from the layer's output are left out.
 import dataclasses
 import io
 import math
-import re
 
 import keras
 import numpy as np
 from keras import tree
 
+from qat_plugin.analysis.matching import LayerMatcher, match_tensors
 from qat_plugin.data.batches import calibration_samples, model_call_inputs
 from qat_plugin.tflite.convert import CALIBRATED_MODES, float_converter
-from qat_plugin.quantize.fusion import find_fusions
-from qat_plugin.quantize.graph import LayerGraph
 from qat_plugin.tflite.interpreter import TFLiteModel, dequantize_array, load_model_bytes
 
 
@@ -52,6 +48,12 @@ class LayerError:
         sqnr_db: signal-to-quantization-noise ratio,
             `10 log10(sum f^2 / sum (q - f)^2)`; `inf` when equal.
         scale: the tensor's quantization step (0 for float tensors).
+
+    Examples:
+        >>> from qat_plugin.analysis.layerwise import LayerError
+        >>> row = LayerError("conv", "CONV_2D", "int8", rmse=0.02, sqnr_db=31.5, scale=0.01)
+        >>> row.rmse_in_steps
+        2.0
     """
 
     layer: str
@@ -69,7 +71,18 @@ class LayerError:
 
 @dataclasses.dataclass(frozen=True)
 class LayerwiseReport:
-    """Per-layer errors in execution order; `str()` is a Markdown table."""
+    """Per-layer errors in execution order; `str()` is a Markdown table.
+
+    Examples:
+        >>> import math
+        >>> from qat_plugin.analysis.layerwise import LayerError, LayerwiseReport
+        >>> report = LayerwiseReport((LayerError("fc", "FULLY_CONNECTED", "int8", 0.1, 25.0, 0.05),
+        ...     LayerError("out", "SOFTMAX", "int8", 0.0, math.inf, 0.004)), num_samples=16)
+        >>> [r.layer for r in report.worst(1)], report["out"].op
+        (['fc'], 'SOFTMAX')
+        >>> print(report.to_markdown().splitlines()[-1])
+        | out | SOFTMAX | int8 | 0 | 0.00 | inf |
+    """
 
     rows: tuple
     num_samples: int
@@ -86,6 +99,7 @@ class LayerwiseReport:
         return sorted(self.rows, key=lambda r: r.sqnr_db)[:count]
 
     def to_dict(self):
+        """The report as plain data (an infinite SQNR as None)."""
         return {
             "title": self.title,
             "num_samples": self.num_samples,
@@ -100,6 +114,7 @@ class LayerwiseReport:
         }
 
     def to_markdown(self):
+        """The rows as a Markdown table under the title."""
         lines = [
             f"{self.title} ({self.num_samples} samples)",
             "",
@@ -121,12 +136,12 @@ class LayerwiseReport:
 def error_stats(reference, value):
     """Returns `(rmse, sqnr_db)` of `value` against `reference`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> rmse, sqnr = error_stats(np.array([3.0, 4.0]), np.array([3.0, 3.0]))
-    >>> round(rmse, 4), round(sqnr, 2)
-    (0.7071, 13.98)
+    Examples:
+        >>> import numpy as np
+        >>> from qat_plugin.analysis.layerwise import error_stats
+        >>> rmse, sqnr = error_stats(np.array([3.0, 4.0]), np.array([3.0, 3.0]))
+        >>> round(rmse, 4), round(sqnr, 2)
+        (0.7071, 13.98)
     """
     reference = np.asarray(reference, np.float64)
     noise = np.asarray(value, np.float64) - reference
@@ -138,75 +153,6 @@ def error_stats(reference, value):
     if signal_power == 0.0:
         return rmse, -math.inf
     return rmse, 10.0 * math.log10(signal_power / noise_power)
-
-
-def _layer_names_in(tensor_name, layer_names):
-    """The Keras layer names mentioned in a converter tensor name.
-
-    Only name scopes count: the last component of `model/conv/add_1` is a
-    TensorFlow op name, which may equal a layer's name (`add_1`).
-    """
-    found = set()
-    for part in tensor_name.split(";"):
-        for component in part.split("/")[:-1]:
-            if component in layer_names:
-                found.add(component)
-            else:
-                # TensorFlow uniquifies name scopes as `<name>_<n>`.
-                base = re.sub(r"_\d+$", "", component)
-                if base in layer_names:
-                    found.add(base)
-    return found
-
-
-class _LayerMatcher:
-    """Finds the reference layer a converter tensor stands for."""
-
-    def __init__(self, model):
-        self.layers = _probe_layers(model)
-        self.order = {layer.name: i for i, layer in enumerate(self.layers)}
-        self.tails = _fusion_tails(model)
-        self.output_layers = [t._keras_history.operation.name for t in model.outputs]
-
-    def match(self, tensor_name, output_position=None):
-        """The layer's name, or None; `output_position` for model outputs."""
-        found = re.fullmatch(r"Identity(?:_(\d+))?", tensor_name)
-        if output_position is None and found:
-            output_position = int(found.group(1) or 0)
-        if output_position is not None and output_position < len(self.output_layers):
-            names = {self.output_layers[output_position]}
-        else:
-            names = _layer_names_in(tensor_name, self.order)
-        names = {self.tails.get(n, n) for n in names} & set(self.order)
-        return max(names, key=self.order.get) if names else None
-
-
-def _fusion_tails(model):
-    """Maps each layer name to the name of the last layer of its fused chain."""
-    try:
-        graph = LayerGraph.from_model(model)
-    except Exception:  # Subclassed or unusual models: no fusion known.
-        return {}
-    tails = {}
-    for fusion in {id(f): f for f in find_fusions(graph, skip=()).values()}.values():
-        for node in [fusion.head] + fusion.absorbed:
-            tails[node.name] = fusion.tail.name
-    return tails
-
-
-def _probe_layers(model):
-    """Top-level layers with one output tensor, in topological order."""
-    layers = []
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        try:
-            output = layer.output
-        except (AttributeError, ValueError):  # Called several times or never.
-            continue
-        if isinstance(output, keras.KerasTensor):
-            layers.append(layer)
-    return layers
 
 
 def _stack(samples):
@@ -230,18 +176,18 @@ def layerwise_error(reference_model, tflite_model, data, *, max_samples=128,
     Returns:
         A `LayerwiseReport`, rows in execution order.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")])
-    >>> x = np.random.rand(32, 4).astype("float32")
-    >>> tflite = qat_plugin.export_tflite(model, mode="int8", representative_data=x)
-    >>> report = layerwise_error(model, tflite, x)
-    >>> [row.layer for row in report.rows], report.rows[0].sqnr_db > 20
-    (['fc'], True)
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> from qat_plugin.analysis.layerwise import layerwise_error
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")])
+        >>> x = np.random.rand(32, 4).astype("float32")
+        >>> tflite = qat_plugin.export_tflite(model, mode="int8", representative_data=x)
+        >>> report = layerwise_error(model, tflite, x)
+        >>> [row.layer for row in report.rows], report.rows[0].sqnr_db > 20
+        (['fc'], True)
     """
     inputs = _stack(calibration_samples(reference_model, data, max_samples, "data"))
-    matcher = _LayerMatcher(reference_model)
+    matcher = LayerMatcher(reference_model)
     layers = matcher.layers
     probe = keras.Model(
         model_call_inputs(reference_model, reference_model.inputs),
@@ -260,27 +206,17 @@ def layerwise_error(reference_model, tflite_model, data, *, max_samples=128,
         )
     runner.predict(inputs, batch_size=len(inputs[0]))
     interpreter = runner.interpreter
-    details = {d["index"]: d for d in interpreter.get_tensor_details()}
-    model_outputs = {d["index"]: i for i, d in enumerate(runner.output_details)}
-
-    matches = {}
-    for op in interpreter._get_ops_details():
-        for index in op["outputs"]:
-            if index < 0:
-                continue
-            detail = details[index]
-            layer = matcher.match(detail["name"], model_outputs.get(index))
-            if layer is None:
-                continue
-            if tuple(detail["shape"]) != float_outputs[layer].shape:
-                continue
-            # A later op writing the same layer's value (a requantize) wins.
-            matches[layer] = (op["op_name"], index)
+    # Tensors whose shape differs from the layer's output are left out.
+    matches = match_tensors(
+        runner,
+        matcher,
+        keep=lambda layer, detail: tuple(detail["shape"]) == float_outputs[layer].shape,
+    )
 
     rows = []
     for layer in sorted(matches, key=matcher.order.get):
-        op_name, index = matches[layer]
-        detail = details[index]
+        op_name, detail = matches[layer]
+        index = detail["index"]
         scales = detail["quantization_parameters"]["scales"]
         value = interpreter.get_tensor(index)
         if np.issubdtype(value.dtype, np.integer) and len(scales) == 1:
@@ -311,6 +247,15 @@ def ptq_local_error(float_model, representative_data, data, *, mode="int8",
         A list of dicts in execution order: `layer` (the Keras layer the
         tensor stands for, or None), `op`, `tensor`, `rmse`, `scale`,
         `rmse_in_steps`, `max_abs_error`.
+
+    Examples:
+        >>> import keras, numpy as np
+        >>> from qat_plugin.analysis.layerwise import ptq_local_error
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")])
+        >>> x = np.random.default_rng(0).random((16, 4), dtype="float32")
+        >>> rows = ptq_local_error(model, x, x, calibration_steps=16, max_samples=8)
+        >>> "fc" in [row["layer"] for row in rows]
+        True
     """
     import csv
 
@@ -328,7 +273,7 @@ def ptq_local_error(float_model, representative_data, data, *, mode="int8",
     debugger.run()
     buffer = io.StringIO()
     debugger.layer_statistics_dump(buffer)
-    matcher = _LayerMatcher(float_model)
+    matcher = LayerMatcher(float_model)
     rows = []
     for record in csv.DictReader(io.StringIO(buffer.getvalue())):
         scale = float(record["scale"]) if record.get("scale") else 0.0

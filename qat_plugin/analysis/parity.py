@@ -12,9 +12,10 @@ import dataclasses
 import keras
 import numpy as np
 
+from qat_plugin.analysis.matching import LayerMatcher, match_tensors
+from qat_plugin.analysis.metrics import as_list
 from qat_plugin.quantize.graph import LayerGraph
-from qat_plugin.tflite.interpreter import TFLiteModel, dequantize_array, quantize_array
-from qat_plugin.analysis.layerwise import _LayerMatcher
+from qat_plugin.tflite.interpreter import TFLiteModel, dequantize_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,13 @@ class Parity:
         ties: per output, the number of samples left out of
             `decided_agreement`.
         samples: the batch size.
+
+    Examples:
+        >>> from qat_plugin.analysis.parity import Parity
+        >>> parity = Parity(max_error_steps=(1.0,), agreement=(0.97,),
+        ...     decided_agreement=(1.0,), ties=(3,), samples=100)
+        >>> parity.decided_agreement[0] >= parity.agreement[0]
+        True
     """
 
     max_error_steps: tuple
@@ -40,10 +48,6 @@ class Parity:
     decided_agreement: tuple
     ties: tuple
     samples: int
-
-
-def _as_list(outputs):
-    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
 def measure_parity(qat_model, tflite_model, x, batch_size=32):
@@ -60,28 +64,28 @@ def measure_parity(qat_model, tflite_model, x, batch_size=32):
     Returns:
         A `Parity`.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> qat = qat_plugin.quantize_model(model)
-    >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
-    >>> _ = qat_plugin.calibrate(qat, x)
-    >>> parity = measure_parity(qat, qat_plugin.export_tflite(qat), x)
-    >>> parity.max_error_steps[0] <= 1.0
-    True
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> from qat_plugin.analysis.parity import measure_parity
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> qat = qat_plugin.quantize_model(model)
+        >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+        >>> _ = qat_plugin.calibrate(qat, x)
+        >>> parity = measure_parity(qat, qat_plugin.export_tflite(qat), x)
+        >>> parity.max_error_steps[0] <= 1.0
+        True
     """
     runner = (
         tflite_model if isinstance(tflite_model, TFLiteModel)
         else TFLiteModel(tflite_model)
     )
     if isinstance(qat_model, TFLiteModel):
-        keras_outputs = _as_list(qat_model.predict(x))
+        keras_outputs = as_list(qat_model.predict(x))
     else:
-        keras_outputs = _as_list(
+        keras_outputs = as_list(
             qat_model.predict(x, batch_size=batch_size, verbose=0)
         )
-    tflite_outputs = _as_list(runner.predict(x))
+    tflite_outputs = as_list(runner.predict(x))
     if len(keras_outputs) != len(tflite_outputs):
         raise ValueError(
             f"The export has {len(tflite_outputs)} outputs, the reference "
@@ -118,7 +122,7 @@ def measure_parity(qat_model, tflite_model, x, batch_size=32):
         agreement=tuple(agreements),
         decided_agreement=tuple(decided),
         ties=tuple(ties),
-        samples=int(np.shape(_as_list(x)[0])[0]),
+        samples=int(np.shape(as_list(x)[0])[0]),
     )
 
 
@@ -136,6 +140,11 @@ class LocalError:
         op: the TFLite op producing the compared tensor.
         max_error_steps: the largest difference, in the tensor's steps.
         share_off: the fraction of elements that differ (by a step or more).
+
+    Examples:
+        >>> from qat_plugin.analysis.parity import LocalError
+        >>> LocalError("conv", "CONV_2D", max_error_steps=1.0, share_off=0.02).op
+        'CONV_2D'
     """
 
     layer: str
@@ -146,7 +155,16 @@ class LocalError:
 
 @dataclasses.dataclass(frozen=True)
 class LocalParity:
-    """Per-op errors in execution order; `str()` is a Markdown table."""
+    """Per-op errors in execution order; `str()` is a Markdown table.
+
+    Examples:
+        >>> from qat_plugin.analysis.parity import LocalError, LocalParity
+        >>> local = LocalParity((LocalError("fc", "FULLY_CONNECTED", 1.0, 0.25),), samples=4)
+        >>> local.max_error_steps
+        1.0
+        >>> print(str(local).splitlines()[-1])
+        | fc | FULLY_CONNECTED | 1.00 | 25.00% |
+    """
 
     rows: tuple
     samples: int
@@ -157,6 +175,7 @@ class LocalParity:
         return max((r.max_error_steps for r in self.rows), default=0.0)
 
     def to_markdown(self):
+        """The rows as a Markdown table under a heading."""
         lines = [
             f"local error per op ({self.samples} samples)",
             "",
@@ -195,48 +214,40 @@ def measure_local_parity(qat_model, tflite_model, x):
     Returns:
         A `LocalParity`.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> qat = qat_plugin.quantize_model(model)
-    >>> x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
-    >>> _ = qat_plugin.calibrate(qat, x)
-    >>> local = measure_local_parity(qat, qat_plugin.export_tflite(qat), x)
-    >>> local.max_error_steps <= 1.0 + 1e-3
-    True
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> from qat_plugin.analysis.parity import measure_local_parity
+        >>> x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+        >>> qat = qat_plugin.quantize_model(
+        ...     keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")]))
+        >>> _ = qat_plugin.calibrate(qat, x)
+        >>> local = measure_local_parity(qat, qat_plugin.export_tflite(qat), x)
+        >>> [row.layer for row in local.rows], local.max_error_steps <= 1.0 + 1e-3
+        (['fc'], True)
     """
     runner = TFLiteModel(tflite_model, use_xnnpack=False, preserve_all_tensors=True)
-    inputs = [np.asarray(v) for v in runner._as_list(x)]
-    if not runner.dynamic_batch and len(inputs[0]) != runner.input_details[0]["shape"][0]:
+    first = next(iter(x.values())) if isinstance(x, dict) else as_list(x)[0]
+    samples = len(np.asarray(first))
+    if not runner.dynamic_batch and samples != runner.input_details[0]["shape"][0]:
         raise ValueError(
             "measure_local_parity keeps the tensors of one invocation: give "
             f"a batch of the model's fixed size {runner.input_details[0]['shape'][0]}, "
-            f"not {len(inputs[0])} (export_tflite writes a dynamic batch)."
+            f"not {samples} (export_tflite writes a dynamic batch)."
         )
-    runner.predict(inputs, batch_size=len(inputs[0]))
+    runner.predict(x, batch_size=samples)
     interpreter = runner.interpreter
-    details = {d["index"]: d for d in interpreter.get_tensor_details()}
-    model_outputs = {d["index"]: i for i, d in enumerate(runner.output_details)}
-    matcher = _LayerMatcher(qat_model)
-    tensors = {}  # layer name -> (op name, tensor index)
-    for op in interpreter._get_ops_details():
-        for index in op["outputs"]:
-            if index < 0 or details[index]["dtype"] not in (np.int8, np.int16):
-                continue
-            # "Relu;add;convolution": the first name is the op's own output;
-            # the others (fused into it) may name neighbouring layers.
-            name = details[index]["name"].split(";")[0]
-            layer = matcher.match(name, model_outputs.get(index))
-            if layer is not None:
-                tensors[layer] = (op["op_name"], index)
+    tensors = match_tensors(  # layer name -> (op name, tensor detail)
+        runner,
+        LayerMatcher(qat_model),
+        keep=lambda layer, detail: detail["dtype"] in (np.int8, np.int16),
+        own_name_only=True,
+    )
 
     graph = LayerGraph.from_model(qat_model)
+    # The inputs as the interpreter holds them (quantized), in its order.
     values = {
-        graph_input.key: dequantize_array(quantize_array(value, detail), detail)
-        for graph_input, value, detail in zip(
-            graph.inputs, inputs, runner.input_details
-        )
+        graph_input.key: dequantize_array(interpreter.get_tensor(detail["index"]), detail)
+        for graph_input, detail in zip(graph.inputs, runner.input_details)
     }
     rows = []
     for node in graph.nodes:
@@ -257,9 +268,8 @@ def measure_local_parity(qat_model, tflite_model, x):
             # BatchNorm, swish): a name can only point at one of their
             # tensors, so they are computed here, not compared.
             continue
-        op_name, index = tensors[node.name]
-        detail = details[index]
-        reference = dequantize_array(interpreter.get_tensor(index), detail)
+        op_name, detail = tensors[node.name]
+        reference = dequantize_array(interpreter.get_tensor(detail["index"]), detail)
         if reference.shape != values[node.outputs[0]].shape:
             continue
         steps = np.abs(values[node.outputs[0]] - reference) / detail["quantization"][0]
@@ -274,4 +284,4 @@ def measure_local_parity(qat_model, tflite_model, x):
             "by name: give the QAT model this file was exported from (its "
             "top-level layers are matched, not those of a model nested in it)."
         )
-    return LocalParity(tuple(rows), len(inputs[0]))
+    return LocalParity(tuple(rows), samples)
