@@ -265,7 +265,7 @@ def main(argv=None):
         >>> main(["inspect", "/nonexistent.tflite"])  # the error goes to stderr
         1
     """
-    from qat_plugin.tflite.convert import ExportError
+    from qat_plugin.errors import ExportError
 
     args = _parser().parse_args(argv)
     _quiet_converter_logs()

@@ -22,7 +22,7 @@ from qat_plugin.analysis.compare import compare
 from qat_plugin.data.datasets import fashion_mnist
 from qat_plugin.files import write_bytes_atomic
 from qat_plugin.analysis.layerwise import layerwise_error
-from qat_plugin.tflite.convert import ExportError
+from qat_plugin.errors import ExportError
 from qat_plugin.tflite.inspection import inspect_tflite
 from qat_plugin.recipes import resolve
 from qat_plugin.tflite.targets import check_target

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import qat_plugin
-from qat_plugin.tflite.convert import ExportError
+from qat_plugin.errors import ExportError
 from qat_plugin.tflite.targets import (
     ARENA_ALIGNMENT,
     TFLM_BUILTIN_OPS,

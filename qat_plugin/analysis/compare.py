@@ -12,7 +12,8 @@ from qat_plugin.analysis.metrics import agreement, as_list, measure_latency, met
 from qat_plugin.analysis.report import CandidateResult, ComparisonReport
 from qat_plugin.data.batches import labelled_arrays, model_call_inputs
 from qat_plugin.layers.base import is_quantized
-from qat_plugin.tflite.convert import CALIBRATED_MODES, MODES, export_tflite
+from qat_plugin.config.constants import CALIBRATED_MODES, MODES
+from qat_plugin.tflite.convert import export_tflite
 from qat_plugin.tflite.inspection import inspect_tflite
 from qat_plugin.tflite.interpreter import TFLiteModel
 
@@ -96,7 +97,7 @@ def compare(
         representative_data: calibration inputs for the `"int8"` and
             `"int16x8"` modes (see `export_tflite`); take them from the
             training data, not from `eval_data`.
-        modes: PTQ modes of the float model (see `qat_plugin.export.MODES`).
+        modes: PTQ modes of the float model (see `qat_plugin.config.constants.MODES`).
         metric: None (top-1 accuracy), a `keras.metrics.Metric` or a
             `callable(y_true, y_pred) -> float`; it sees the first output.
         num_threads: interpreter threads, for evaluation and latency.

@@ -32,7 +32,8 @@ from keras import tree
 
 from qat_plugin.analysis.matching import LayerMatcher, match_tensors
 from qat_plugin.data.batches import calibration_samples, model_call_inputs
-from qat_plugin.tflite.convert import CALIBRATED_MODES, float_converter
+from qat_plugin.config.constants import CALIBRATED_MODES
+from qat_plugin.tflite.convert import float_converter
 from qat_plugin.tflite.interpreter import TFLiteModel, dequantize_array, load_model_bytes
 
 

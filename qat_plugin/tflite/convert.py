@@ -13,13 +13,10 @@ from qat_plugin.files import write_bytes_atomic
 from qat_plugin.distribution import is_primary_process
 from qat_plugin.layers.base import export_mode, is_quantized, quantized_layers
 from qat_plugin.tflite.tensorflow_process import run_on_tensorflow
-from qat_plugin.tflite.targets import TARGETS, check_target
+from qat_plugin.tflite.targets import check_target
+from qat_plugin.tflite.weights import retouched_weights
+from qat_plugin.config.constants import CALIBRATED_MODES, MODES, TARGETS
 from qat_plugin.errors import ExportError
-
-MODES = ("float", "dynamic", "float16", "int8", "int16x8")
-# The PTQ modes whose activation ranges come from calibration data.
-CALIBRATED_MODES = ("int8", "int16x8")
-
 
 
 def export_tflite(
@@ -91,15 +88,15 @@ def export_tflite(
     Returns:
         The .tflite model as bytes.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> qat = qat_plugin.quantize_model(model)
-    >>> _ = qat(np.random.rand(8, 4).astype("float32"), training=True)
-    >>> report = qat_plugin.inspect_tflite(qat_plugin.export_tflite(qat))
-    >>> report.is_fully_int8
-    True
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> from qat_plugin.tflite.convert import export_tflite
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> qat = qat_plugin.quantize_model(model)
+        >>> _ = qat(np.random.rand(8, 4).astype("float32"), training=True)
+        >>> report = qat_plugin.inspect_tflite(export_tflite(qat))
+        >>> report.is_fully_int8
+        True
     """
     if keras.backend.backend() != "tensorflow":
         # The converter needs TensorFlow graphs: rebuild the model there.
@@ -158,6 +155,15 @@ def export_on_tensorflow(model, path=None, **export_kwargs):
     Converts in a TensorFlow child process; writes `path` (atomically) only
     in process 0 when several JAX processes train the model together, and
     returns the .tflite bytes in every process.
+
+    Examples:
+        >>> import keras, os, tempfile
+        >>> from qat_plugin.tflite.convert import export_on_tensorflow
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
+        >>> data = export_on_tensorflow(model, path, mode="float")
+        >>> open(path, "rb").read() == data
+        True
     """
     data = run_on_tensorflow(export_tflite, model, **export_kwargs)
     if path is not None and is_primary_process():
@@ -312,114 +318,6 @@ def _convert_qat(model, sparse_weights=False, allow_select_tf_ops=False):
     return data
 
 
-def retouched_weights(data, *, per_tensor=False, int64_bias=False):
-    """Fixes what the converter's QAT path gets wrong in weights and biases.
-
-    - `per_tensor`: the kernels of a per-tensor recipe export as constants
-      snapped to one int8 grid per tensor, but the converter requantizes
-      every CONV_2D / DEPTHWISE_CONV_2D weight per channel and has no switch
-      against it (`_experimental_disable_per_channel` is not passed on in
-      the QAT path). The weights go back on the single grid
-      `s = max|w| / 127`: every per-channel scale is at most `s`, so
-      `round(q_c * s_c / s)` recovers the trained integers exactly; the
-      bias (scale `input_scale * weight_scale`) is rescaled to match.
-    - `int64_bias`: TFLite's 16x8 kernels take int64 biases; the QAT path
-      writes int32 ones, which DEPTHWISE_CONV_2D refuses and CONV_2D reads
-      wrong (measured: saturated outputs). The values are widened.
-
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 2)])
-    >>> qat = qat_plugin.quantize_model(model, "int8-per-tensor")
-    >>> _ = qat(np.random.rand(8, 4, 4, 2).astype("float32"), training=True)
-    >>> [len(w.tensor.scales) for w in qat_plugin.inspect_tflite(export_tflite(qat)).weights]
-    [1]
-    """
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.ModelT.InitFromPackedBuf(data, 0)
-    weight_ops = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D,
-                  schema.BuiltinOperator.FULLY_CONNECTED,
-                  schema.BuiltinOperator.TRANSPOSE_CONV}
-    changed = False
-    for graph in model.subgraphs:
-        for op in graph.operators:
-            code = model.operatorCodes[op.opcodeIndex]
-            if max(code.builtinCode, code.deprecatedBuiltinCode) not in weight_ops:
-                continue
-            if int64_bias and _widen_bias(model, graph, op, schema):
-                changed = True
-            weight = graph.tensors[op.inputs[1]]
-            quant = weight.quantization
-            if (not per_tensor or weight.type != schema.TensorType.INT8
-                    or quant is None or len(quant.scale) < 2):
-                continue
-            buffer = model.buffers[weight.buffer]
-            if buffer.data is None:
-                raise ExportError(
-                    f"Cannot rewrite weight '{weight.name.decode()}' per tensor: its "
-                    "data is stored outside the flatbuffer (a model over 2 GB)."
-                )
-            axis = quant.quantizedDimension
-            shape = [1] * len(weight.shape)
-            shape[axis] = -1
-            channel_scales = np.asarray(quant.scale, np.float64)
-            real = np.asarray(buffer.data, np.uint8).view(np.int8).reshape(
-                weight.shape
-            ) * channel_scales.reshape(shape)
-            scale = float(np.max(np.abs(real)) / 127) or 1.0
-            buffer.data = (
-                np.clip(np.round(real / scale), -127, 127).astype(np.int8).view(np.uint8)
-            ).ravel()
-            quant.scale, quant.zeroPoint, quant.quantizedDimension = [scale], [0], 0
-            if len(op.inputs) > 2 and op.inputs[2] >= 0:
-                _rescale_bias(model, graph.tensors[op.inputs[2]], channel_scales, scale)
-            changed = True
-    if not changed:
-        return data
-    builder = flatbuffers.Builder(len(data))
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
-def _bias_dtype(bias, schema):
-    return np.int64 if bias.type == schema.TensorType.INT64 else np.int32
-
-
-def _widen_bias(model, graph, op, schema):
-    """Turns the int32 bias of `op` into an int64 one; True when it did."""
-    if len(op.inputs) < 3 or op.inputs[2] < 0:
-        return False
-    bias = graph.tensors[op.inputs[2]]
-    buffer = model.buffers[bias.buffer]
-    if bias.type != schema.TensorType.INT32 or buffer.data is None:
-        return False
-    values = np.asarray(buffer.data, np.uint8).view(np.int32).astype(np.int64)
-    buffer.data = values.view(np.uint8)
-    bias.type = schema.TensorType.INT64
-    return True
-
-
-def _rescale_bias(model, bias, channel_scales, scale):
-    """Puts an integer bias on `input_scale * scale` instead of per-channel scales."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    quant = bias.quantization
-    buffer = model.buffers[bias.buffer]
-    if quant is None or buffer.data is None or len(quant.scale) < 2:
-        return
-    dtype = _bias_dtype(bias, schema)
-    input_scale = np.asarray(quant.scale, np.float64) / channel_scales
-    real = np.asarray(buffer.data, np.uint8).view(dtype) * np.asarray(quant.scale)
-    new_scale = float(input_scale[0] * scale)
-    buffer.data = np.round(real / new_scale).astype(dtype).view(np.uint8)
-    quant.scale, quant.zeroPoint, quant.quantizedDimension = (
-        [new_scale], [0], 0
-    )
-
-
 def _convert_float(model, mode, representative_data, calibration_steps,
                    allow_select_tf_ops=False):
     converter = float_converter(model, mode, representative_data, calibration_steps)
@@ -433,6 +331,15 @@ def float_converter(model, mode, representative_data=None, calibration_steps=200
     The calibration data is read and checked before the model is traced, so
     bad data fails fast and clearly. `integer_io=False` keeps float input and
     output in the integer modes (as `QuantizationDebugger` needs).
+
+    Examples:
+        >>> import keras, numpy as np
+        >>> from qat_plugin.tflite.convert import float_converter
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> samples = np.random.rand(8, 4).astype("float32")
+        >>> converter = float_converter(model, "int8", samples, calibration_steps=8)
+        >>> converter.inference_input_type.name, len(converter.convert()) > 0
+        ('int8', True)
     """
     import tensorflow as tf
 

@@ -6,26 +6,26 @@ import gzip
 
 import numpy as np
 
-from qat_plugin.tflite.interpreter import load_model_bytes, make_interpreter
+from qat_plugin.config.constants import TARGETS
 from qat_plugin.sparsity import holds_n_of_m
-from qat_plugin.tflite.targets import TARGETS, check_target
+from qat_plugin.tflite.flatbuffer import WEIGHT_OPS, Flatbuffer
+from qat_plugin.tflite.interpreter import load_model_bytes, make_interpreter
+from qat_plugin.tflite.targets import check_target
 
 # Ops that only convert between float and integer tensors.
 CONVERSION_OPS = ("QUANTIZE", "DEQUANTIZE")
 
-# Ops whose input 1 is a weight tensor (input channels on its last axis).
-WEIGHT_OPS = (
-    "CONV_2D",
-    "CONV_3D",
-    "DEPTHWISE_CONV_2D",
-    "FULLY_CONNECTED",
-    "TRANSPOSE_CONV",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    """One tensor of the flatbuffer."""
+    """One tensor of the flatbuffer.
+
+    Examples:
+        >>> from qat_plugin.tflite.inspection import TensorInfo
+        >>> weight = TensorInfo(1, "kernel", "int8", (2, 4), (0.1, 0.2), (0, 0), 0)
+        >>> weight.is_float, weight.per_channel
+        (False, True)
+    """
 
     index: int
     name: str
@@ -46,7 +46,17 @@ class TensorInfo:
 
 @dataclasses.dataclass(frozen=True)
 class OpInfo:
-    """One op of the flatbuffer with its input and output tensors."""
+    """One op of the flatbuffer with its input and output tensors.
+
+    Examples:
+        >>> from qat_plugin.tflite.inspection import OpInfo, TensorInfo
+        >>> x = TensorInfo(0, "x", "float32", (1, 4), (), (), 0)
+        >>> q = TensorInfo(1, "q", "int8", (1, 4), (0.1,), (0,), 0)
+        >>> OpInfo(0, "QUANTIZE", (x,), (q,)).computes_in_float
+        False
+        >>> OpInfo(1, "TANH", (x,), (x,)).computes_in_float
+        True
+    """
 
     index: int
     name: str
@@ -77,6 +87,14 @@ class WeightInfo:
             `export_tflite(..., sparse_weights=True)`).
         values: the stored values as a dense NumPy array (decoded when
             sparse-encoded).
+
+    Examples:
+        >>> import keras, qat_plugin
+        >>> from qat_plugin.tflite.inspection import inspect_tflite
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> weight, = inspect_tflite(qat_plugin.export_tflite(model, mode="float")).weights
+        >>> weight.op, weight.tensor.shape, weight.values.shape, weight.sparse_encoded
+        ('FULLY_CONNECTED', (2, 4), (2, 4), False)
     """
 
     tensor: TensorInfo
@@ -98,8 +116,17 @@ class TFLiteReport:
         gzip_size_bytes: its size after gzip (level 9): what zeros buy in
             a compressed download.
         weights: a `WeightInfo` per weight tensor, in op order.
-        targets: a `qat_plugin.targets.TargetCheck` per deployment target
-            asked for with `inspect_tflite(..., targets=...)`.
+        targets: a `qat_plugin.tflite.targets.TargetCheck` per deployment
+            target asked for with `inspect_tflite(..., targets=...)`.
+
+    Examples:
+        >>> import keras, qat_plugin
+        >>> from qat_plugin.tflite.inspection import inspect_tflite
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> data = qat_plugin.export_tflite(model, mode="float")
+        >>> report = inspect_tflite(data, targets="mcu")
+        >>> report.size_bytes == len(data), report.is_fully_int8, report.target("mcu").compatible
+        (True, False, False)
     """
 
     ops: tuple
@@ -226,13 +253,13 @@ def inspect_tflite(model, targets=()):
         A `TFLiteReport`; `str(report)` is a readable table, and
         `report.float_ops` lists every op that still computes in float.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> report = inspect_tflite(qat_plugin.export_tflite(model, mode="float"))
-    >>> dict(report.op_counts), [op.name for op in report.float_ops]
-    ({'FULLY_CONNECTED': 1}, ['FULLY_CONNECTED'])
+    Examples:
+        >>> import keras, qat_plugin
+        >>> from qat_plugin.tflite.inspection import inspect_tflite
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> report = inspect_tflite(qat_plugin.export_tflite(model, mode="float"))
+        >>> dict(report.op_counts), [op.name for op in report.float_ops]
+        ({'FULLY_CONNECTED': 1}, ['FULLY_CONNECTED'])
     """
     data = load_model_bytes(model)
     if isinstance(targets, str):
@@ -276,16 +303,15 @@ def _weights(data, ops):
         # on the first invoke; the inputs' values do not matter.
         interpreter.invoke()
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    flatbuffer = None
     weights = []
     for op in weight_ops:
         tensor = op.inputs[1]
         sparsity = details[tensor.index]["sparsity_parameters"]
         if sparsity:  # Read sparse by the op itself: decode the flatbuffer.
-            values = _densify(
-                _stored_values(data, tensor.index, tensor.dtype),
-                tensor.shape,
-                sparsity,
-            )
+            flatbuffer = flatbuffer or Flatbuffer(data)
+            stored = flatbuffer.stored_bytes(flatbuffer.subgraph().tensors[tensor.index])
+            values = _densify(stored.view(np.dtype(tensor.dtype)), tensor.shape, sparsity)
         else:
             values = interpreter.get_tensor(tensor.index)
         weights.append(
@@ -299,20 +325,6 @@ def _weights(data, ops):
             )
         )
     return tuple(weights)
-
-
-def _stored_values(data, index, dtype):
-    """The values stored in the buffer of tensor `index` of subgraph 0."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.Model.GetRootAs(data, 0)
-    buffer = model.Buffers(model.Subgraphs(0).Tensors(index).Buffer())
-    if buffer.Offset() > 1:  # Large models keep buffers after the flatbuffer.
-        raw = np.frombuffer(data, np.uint8, buffer.Size(), buffer.Offset())
-    else:
-        raw = buffer.DataAsNumpy()
-        raw = np.zeros(0, np.uint8) if isinstance(raw, int) else raw
-    return raw.view(np.dtype(dtype))
 
 
 def _densify(values, shape, sparsity):

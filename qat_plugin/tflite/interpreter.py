@@ -12,7 +12,17 @@ def _interpreter_module():
 
 
 def load_model_bytes(model):
-    """Returns .tflite bytes from bytes or a path."""
+    """Returns .tflite bytes from bytes or a path.
+
+    Examples:
+        >>> from qat_plugin.tflite.interpreter import load_model_bytes
+        >>> load_model_bytes(bytearray(b"TFL3"))
+        b'TFL3'
+        >>> load_model_bytes("missing.tflite")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: No .tflite file at missing.tflite.
+    """
     if isinstance(model, (bytes, bytearray)):
         return bytes(model)
     if isinstance(model, (str, os.PathLike)):
@@ -34,6 +44,14 @@ def make_interpreter(model, num_threads=None, use_xnnpack=True,
     that the op list shows the model's own ops instead of one DELEGATE node.
     With `preserve_all_tensors=True` intermediate tensors stay readable after
     `invoke()` (for layer-wise error reports; costs memory).
+
+    Examples:
+        >>> import keras, qat_plugin
+        >>> from qat_plugin.tflite.interpreter import make_interpreter
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> interpreter = make_interpreter(qat_plugin.export_tflite(model, mode="float"))
+        >>> interpreter.get_input_details()[0]["shape"].tolist()
+        [1, 4]
     """
     interpreter = _interpreter_module()
     resolver = (
@@ -50,7 +68,17 @@ def make_interpreter(model, num_threads=None, use_xnnpack=True,
 
 
 def quantize_array(x, detail):
-    """Quantizes float `x` to the input tensor's integer type."""
+    """Quantizes float `x` to the input tensor's integer type.
+
+    Integer `x`, or a float input tensor, is only cast to the tensor's type.
+
+    Examples:
+        >>> import numpy as np
+        >>> from qat_plugin.tflite.interpreter import quantize_array
+        >>> detail = {"dtype": np.int8, "quantization": (0.5, 0)}
+        >>> quantize_array([0.4, 1.0, 100.0], detail).tolist()
+        [1, 2, 127]
+    """
     dtype = detail["dtype"]
     if not np.issubdtype(dtype, np.integer) or np.issubdtype(
         np.asarray(x).dtype, np.integer
@@ -63,7 +91,15 @@ def quantize_array(x, detail):
 
 
 def dequantize_array(q, detail):
-    """Dequantizes an integer output tensor to float32."""
+    """Dequantizes an integer output tensor to float32.
+
+    Examples:
+        >>> import numpy as np
+        >>> from qat_plugin.tflite.interpreter import dequantize_array
+        >>> detail = {"dtype": np.int8, "quantization": (0.5, 0)}
+        >>> dequantize_array(np.array([2, -4], np.int8), detail).tolist()
+        [1.0, -2.0]
+    """
     scale, zero_point = detail["quantization"]
     if not np.issubdtype(detail["dtype"], np.integer) or scale == 0:
         return np.asarray(q)
@@ -85,13 +121,13 @@ class TFLiteModel:
         preserve_all_tensors: keep intermediate tensors readable after
             each invoke.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> runner = TFLiteModel(qat_plugin.export_tflite(model, mode="float"))
-    >>> runner.predict(np.ones((3, 4), "float32")).shape
-    (3, 2)
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> from qat_plugin.tflite.interpreter import TFLiteModel
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> runner = TFLiteModel(qat_plugin.export_tflite(model, mode="float"))
+        >>> runner.predict(np.ones((3, 4), "float32")).shape
+        (3, 2)
     """
 
     def __init__(self, model, num_threads=None, use_xnnpack=True,

@@ -18,26 +18,25 @@ meets the target, the offending ops and what else the target needs to know:
   int32 biases), every op in TFLM's builtin op set (`TFLM_BUILTIN_OPS`), and
   the tensor arena the activations need (`arena_plan`), beside the weights.
 
-Example:
-
->>> import keras, numpy as np, qat_plugin
->>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
->>> qat = qat_plugin.quantize_model(model)
->>> _ = qat(np.random.rand(8, 4).astype("float32"), training=True)
->>> check = check_target(qat_plugin.export_tflite(qat), "mcu")
->>> check.compatible, check.arena.peak_live_bytes
-(True, 6)
+Examples:
+    >>> import keras, numpy as np, qat_plugin
+    >>> from qat_plugin.tflite.targets import check_target
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> x = np.random.rand(8, 4).astype("float32")
+    >>> qat = qat_plugin.quantize_model(model)
+    >>> _ = qat(x, training=True)  # observes the activation ranges
+    >>> check = check_target(qat_plugin.export_tflite(qat), "mcu")
+    >>> check.compatible, check.arena.peak_live_bytes
+    (True, 6)
 """
 
 import contextlib
 import dataclasses
 import io
 
-import numpy as np
-
+from qat_plugin.config.constants import TARGETS
+from qat_plugin.tflite.flatbuffer import read_graph
 from qat_plugin.tflite.interpreter import load_model_bytes, make_interpreter
-
-TARGETS = ("cpu", "gpu", "mcu")
 
 # The builtin ops of TensorFlow Lite Micro: one per `Add*` method of
 # `MicroMutableOpResolver` that registers a builtin (custom ops such as
@@ -88,6 +87,14 @@ class ArenaPlan:
             shapes), which stay in flash.
         tensors: `(index, name, bytes, first_op, last_op, offset)` per
             planned tensor.
+
+    Examples:
+        >>> import keras, qat_plugin
+        >>> from qat_plugin.tflite.targets import arena_plan
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, use_bias=False)])
+        >>> plan = arena_plan(qat_plugin.export_tflite(model, mode="float"))
+        >>> plan.arena_bytes, plan.weight_bytes  # in/out 16 + 8 bytes, 16-aligned; 2x4 floats
+        (32, 32)
     """
 
     peak_live_bytes: int
@@ -107,6 +114,12 @@ class TargetCheck:
         notes: what else the target should know (ops XNNPACK leaves to
             TFLite's builtin kernels, the arena size, ...).
         arena: the `ArenaPlan` (for `"mcu"`).
+
+    Examples:
+        >>> from qat_plugin.tflite.targets import TargetCheck
+        >>> print(TargetCheck("gpu", False, (("CUMSUM", "not supported"),)))
+        gpu: NOT compatible
+          - CUMSUM: not supported
     """
 
     target: str
@@ -116,6 +129,7 @@ class TargetCheck:
     arena: ArenaPlan = None
 
     def summary(self):
+        """A readable verdict: the target, then one line per offending op and note."""
         lines = [f"{self.target}: {'compatible' if self.compatible else 'NOT compatible'}"]
         lines += [f"  - {op}: {reason}" for op, reason in self.offending]
         lines += [f"  {note}" for note in self.notes]
@@ -123,69 +137,6 @@ class TargetCheck:
 
     def __str__(self):
         return self.summary()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Graph:
-    """Subgraph 0 of a flatbuffer: ops, tensors and which tensors are constant."""
-
-    op_names: tuple       # per op, in execution order
-    op_inputs: tuple      # per op, tensor indices (-1 dropped)
-    op_outputs: tuple
-    inputs: tuple
-    outputs: tuple
-    dtypes: tuple         # per tensor, NumPy dtype name
-    shapes: tuple
-    names: tuple
-    constant: tuple       # per tensor, bool
-
-
-def _graph(data):
-    from ai_edge_litert import schema_py_generated as schema
-
-    builtin_names = {
-        value: name for name, value in vars(schema.BuiltinOperator).items()
-        if not name.startswith("_")
-    }
-    type_names = {
-        value: name.lower() for name, value in vars(schema.TensorType).items()
-        if not name.startswith("_")
-    }
-    model = schema.Model.GetRootAs(data, 0)
-    codes = []
-    for i in range(model.OperatorCodesLength()):
-        code = model.OperatorCodes(i)
-        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-        name = builtin_names.get(builtin, str(builtin))
-        if name == "CUSTOM":
-            name = code.CustomCode().decode()
-        codes.append(name)
-    graph = model.Subgraphs(0)
-    tensors = [graph.Tensors(i) for i in range(graph.TensorsLength())]
-
-    def is_constant(tensor):
-        buffer = model.Buffers(tensor.Buffer())
-        return buffer.Offset() > 1 or buffer.DataLength() > 0
-
-    ops = [graph.Operators(i) for i in range(graph.OperatorsLength())]
-    return _Graph(
-        op_names=tuple(codes[op.OpcodeIndex()] for op in ops),
-        op_inputs=tuple(tuple(int(i) for i in op.InputsAsNumpy() if i >= 0)
-                        if op.InputsLength() else () for op in ops),
-        op_outputs=tuple(tuple(int(i) for i in op.OutputsAsNumpy()) for op in ops),
-        inputs=tuple(int(i) for i in graph.InputsAsNumpy()),
-        outputs=tuple(int(i) for i in graph.OutputsAsNumpy()),
-        dtypes=tuple(type_names[t.Type()] for t in tensors),
-        shapes=tuple(tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
-                     for t in tensors),
-        names=tuple(t.Name().decode() for t in tensors),
-        constant=tuple(is_constant(t) for t in tensors),
-    )
-
-
-def _nbytes(graph, index):
-    size = int(np.prod(graph.shapes[index])) if graph.shapes[index] else 1
-    return size * np.dtype(graph.dtypes[index]).itemsize
 
 
 def arena_plan(tflite):
@@ -196,14 +147,14 @@ def arena_plan(tflite):
     `GreedyMemoryPlanner` does) gives `arena_bytes`. A dynamic batch axis
     counts as 1, as on a microcontroller.
 
-    Example:
-
-    >>> import keras, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> arena_plan(qat_plugin.export_tflite(model)).peak_live_bytes  # float
-    24
+    Examples:
+        >>> import keras, qat_plugin
+        >>> from qat_plugin.tflite.targets import arena_plan
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> arena_plan(qat_plugin.export_tflite(model)).peak_live_bytes  # float
+        24
     """
-    graph = _graph(load_model_bytes(tflite))
+    graph = read_graph(load_model_bytes(tflite))
     last_op = len(graph.op_names) - 1
     first, last = {}, {}
     for index in graph.inputs:
@@ -219,39 +170,33 @@ def arena_plan(tflite):
     for index in graph.outputs:
         last[index] = last_op
     planned = sorted(t for t in first if not graph.constant[t])
-    sizes = {t: _nbytes(graph, t) for t in planned}
+    sizes = {t: graph.nbytes(t) for t in planned}
     peak = max(
         (sum(sizes[t] for t in planned if first[t] <= op <= last[t])
          for op in range(last_op + 1)),
         default=0,
     )
+    aligned = {t: -(-sizes[t] // ARENA_ALIGNMENT) * ARENA_ALIGNMENT for t in planned}
     offsets = {}
     for t in sorted(planned, key=lambda t: (-sizes[t], t)):
-        aligned = -(-sizes[t] // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
         busy = sorted(
-            (offsets[o], offsets[o] + -(-sizes[o] // ARENA_ALIGNMENT) * ARENA_ALIGNMENT)
+            (offsets[o], offsets[o] + aligned[o])
             for o in offsets
             if first[o] <= last[t] and first[t] <= last[o]
         )
         offset = 0
         for start, end in busy:
-            if offset + aligned <= start:
+            if offset + aligned[t] <= start:
                 break
             offset = max(offset, end)
         offsets[t] = offset
-    arena = max(
-        (offsets[t] + -(-sizes[t] // ARENA_ALIGNMENT) * ARENA_ALIGNMENT for t in planned),
-        default=0,
+    arena = max((offsets[t] + aligned[t] for t in planned), default=0)
+    weights = sum(graph.nbytes(t) for t, c in enumerate(graph.constant) if c)
+    tensors = tuple(
+        (t, graph.names[t], sizes[t], first[t], last[t], offsets[t]) for t in planned
     )
-    weights = sum(_nbytes(graph, t) for t, c in enumerate(graph.constant) if c)
-    return ArenaPlan(
-        peak_live_bytes=peak,
-        arena_bytes=arena,
-        weight_bytes=weights,
-        tensors=tuple(
-            (t, graph.names[t], sizes[t], first[t], last[t], offsets[t]) for t in planned
-        ),
-    )
+    return ArenaPlan(peak_live_bytes=peak, arena_bytes=arena, weight_bytes=weights,
+                     tensors=tensors)
 
 
 def _is_flex(name):
@@ -259,8 +204,16 @@ def _is_flex(name):
 
 
 def flex_ops(tflite):
-    """The sorted names of a model's Select TF ("Flex") ops."""
-    return sorted({n for n in _graph(load_model_bytes(tflite)).op_names if _is_flex(n)})
+    """The sorted names of a model's Select TF ("Flex") ops (bytes or path).
+
+    Examples:
+        >>> import keras, qat_plugin
+        >>> from qat_plugin.tflite.targets import flex_ops
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> flex_ops(qat_plugin.export_tflite(model, mode="float"))
+        []
+    """
+    return sorted({n for n in read_graph(load_model_bytes(tflite)).op_names if _is_flex(n)})
 
 
 def _non_builtin(graph, allow_select_tf_ops):
@@ -281,6 +234,13 @@ def xnnpack_partition(tflite):
     Runs the interpreter with its default delegate and walks back from each
     DELEGATE node's outputs to its inputs: the ops on the way are the ones
     it replaced; every other op runs on TFLite's builtin kernels.
+
+    Examples:
+        >>> import keras, qat_plugin
+        >>> from qat_plugin.tflite.targets import xnnpack_partition
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> xnnpack_partition(qat_plugin.export_tflite(model, mode="float"))
+        (['FULLY_CONNECTED'], [])
     """
     interpreter = make_interpreter(tflite, use_xnnpack=True)
     interpreter.allocate_tensors()
@@ -319,7 +279,15 @@ def _check_cpu(data, graph, allow_select_tf_ops):
 
 
 def gpu_analysis(tflite):
-    """Runs the converter's GPU-delegate compatibility check; returns its text."""
+    """Runs the converter's GPU-delegate compatibility check; returns its text.
+
+    Examples:
+        >>> import keras, qat_plugin
+        >>> from qat_plugin.tflite.targets import gpu_analysis
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> "compatible with GPU delegate" in gpu_analysis(qat_plugin.export_tflite(model))
+        True
+    """
     import tensorflow as tf
 
     captured = io.StringIO()
@@ -402,18 +370,18 @@ def check_target(tflite, target, *, allow_select_tf_ops=False):
     Returns:
         A `TargetCheck`.
 
-    Example:
-
-    >>> import keras, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> check = check_target(qat_plugin.export_tflite(model), "mcu")
-    >>> check.compatible, check.offending[0]
-    (False, ('FULLY_CONNECTED#0', 'has float32 tensors; the mcu target is int8 only'))
+    Examples:
+        >>> import keras, qat_plugin
+        >>> from qat_plugin.tflite.targets import check_target
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> check = check_target(qat_plugin.export_tflite(model), "mcu")
+        >>> check.compatible, check.offending[0]
+        (False, ('FULLY_CONNECTED#0', 'has float32 tensors; the mcu target is int8 only'))
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
     data = load_model_bytes(tflite)
-    graph = _graph(data)
+    graph = read_graph(data)
     if target == "cpu":
         return _check_cpu(data, graph, allow_select_tf_ops)
     if target == "gpu":

@@ -40,6 +40,10 @@ def require_tensorflow(action):
 
     Args:
         action: what needs TensorFlow, for the message (e.g. "export_tflite").
+
+    Examples:
+        >>> from qat_plugin.tflite.tensorflow_process import require_tensorflow
+        >>> require_tensorflow("export_tflite")  # installed here: returns None
     """
     if importlib.util.find_spec("tensorflow") is None:
         raise ModuleNotFoundError(
@@ -70,15 +74,15 @@ def run_on_tensorflow(function, model, *args, **kwargs):
     Returns:
         What `function` returned.
 
-    Example:
-
-    >>> import keras, numpy as np, qat_plugin
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> qat = qat_plugin.quantize_model(model)
-    >>> _ = qat(np.random.rand(8, 4).astype("float32"), training=True)
-    >>> data = run_on_tensorflow(qat_plugin.export_tflite, qat)
-    >>> qat_plugin.inspect_tflite(data).is_fully_int8
-    True
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> qat = qat_plugin.quantize_model(model)
+        >>> _ = qat(np.random.rand(8, 4).astype("float32"), training=True)
+        >>> from qat_plugin.tflite.tensorflow_process import run_on_tensorflow
+        >>> data = run_on_tensorflow(qat_plugin.export_tflite, qat)
+        >>> qat_plugin.inspect_tflite(data).is_fully_int8
+        True
     """
     name = getattr(function, "__qualname__", "")
     module = getattr(function, "__module__", None)
