@@ -90,4 +90,27 @@ def find_fusions(graph, skip):
                 fusion.activation_name = registry.activation_name(following.layer)
         for member in [fusion.head] + fusion.absorbed:
             fusions[id(member)] = fusion
+    _unfuse_disagreeing_calls(graph, fusions)
     return fusions
+
+
+def _unfuse_disagreeing_calls(graph, fusions):
+    """Keeps a shared layer's activation out of its fusions unless every call agrees.
+
+    A shared layer becomes one quantized layer with one fused activation,
+    applied at every call: fusing a ReLU that follows only some calls would
+    clip the others. Their activations then stay ops of their own.
+    """
+    for calls in graph.calls.values():
+        chains = [fusions.get(id(call)) for call in calls]
+        if len(calls) < 2 or any(chain is None or chain.head is not call
+                                 for chain, call in zip(chains, calls)):
+            continue
+        if len({chain.activation_name for chain in chains}) == 1:
+            continue
+        own = registry.function_name(getattr(calls[0].layer, "activation", None))
+        for chain in chains:
+            if chain.activation is not None:
+                del fusions[id(chain.activation)]
+                chain.activation = None
+                chain.activation_name = own if own in FUSED_ACTIVATIONS else "linear"
