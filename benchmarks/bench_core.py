@@ -1,4 +1,4 @@
-"""The core issue's acceptance run: float -> QAT -> fully-int8 .tflite on Fashion-MNIST.
+"""The core acceptance run: float -> QAT -> fully-int8 .tflite on Fashion-MNIST.
 
 Trains a small CNN with BatchNorm, depthwise convolutions, a residual Add
 and a Concatenate in float, fine-tunes it with quantization-aware training
