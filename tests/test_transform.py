@@ -136,6 +136,22 @@ def test_skip_keeps_layers_float():
     assert isinstance(qat.get_layer("conv_relu6_quantize"), qlayers.FakeQuant)
 
 
+def test_skip_takes_one_name_as_a_name():
+    qat = qat_plugin.quantize_model(conv_bn_relu_model(), skip="conv_relu6")
+    assert type(qat.get_layer("conv_relu6")) is L.Conv2D
+
+
+def test_a_quantized_model_is_refused_saying_by_whom():
+    qat = qat_plugin.quantize_model(conv_bn_relu_model())
+    with pytest.raises(qat_plugin.UnsupportedModelError, match="already a QAT model"):
+        qat_plugin.quantize_model(qat)
+    by_keras = keras.Sequential([keras.Input((4,)), L.Dense(3, name="dense")], name="k")
+    by_keras.quantize("int8")
+    with pytest.raises(qat_plugin.UnsupportedModelError,
+                       match=r"quantized by Keras \(model.quantize\('int8'\): layers \['dense'\]"):
+        qat_plugin.quantize_model(by_keras)
+
+
 def test_skip_with_unknown_name_fails():
     with pytest.raises(ValueError, match="skip names layers that are not in model 'cnn': \\['nope'\\]"):
         qat_plugin.quantize_model(conv_bn_relu_model(), skip=["nope"])

@@ -4,7 +4,8 @@ import keras
 
 from qat_plugin import registry
 from qat_plugin.config import resolve
-from qat_plugin.errors import UnsupportedLayerError
+from qat_plugin.errors import UnsupportedLayerError, UnsupportedModelError
+from qat_plugin.layers.base import QuantizedLayer
 from qat_plugin.quantize.build import Builder
 from qat_plugin.quantize.graph import LayerGraph
 from qat_plugin.quantize.plan import make_plan
@@ -35,7 +36,7 @@ def quantize_model(model, recipe="int8", *, skip=()):
             shared layers and several inputs/outputs are fine).
         recipe: a built-in recipe name (see `qat_plugin.recipes.names()`),
             a path to a recipe TOML file, or a `Recipe`.
-        skip: names of layers to keep out of QAT (no fake-quant, no
+        skip: names of layers (or one name) to keep out of QAT (no fake-quant, no
             fusion). The export holds a float island with QUANTIZE /
             DEQUANTIZE around it wherever a skipped layer's output feeds
             another skipped layer; a lone skipped op between two int8
@@ -62,7 +63,9 @@ def quantize_model(model, recipe="int8", *, skip=()):
     """
     scheme = resolve(recipe).quantization
     graph = LayerGraph.from_model(model)
-    skip = set(skip)
+    _check_float(model, graph)
+    # One name is a name, not a sequence of one-letter names.
+    skip = {skip} if isinstance(skip, str) else set(skip)
     known = {node.name for node in graph.nodes}
     unknown = sorted(skip - known)
     if unknown:
@@ -72,6 +75,30 @@ def quantize_model(model, recipe="int8", *, skip=()):
         )
     _check_registered(graph, skip)
     return Builder(make_plan(graph, skip), scheme).build()
+
+
+def _check_float(model, graph):
+    """Refuses a model whose layers are quantized already, saying by whom."""
+    qat = [node.name for node in graph.nodes if isinstance(node.layer, QuantizedLayer)]
+    if qat:
+        raise UnsupportedModelError(
+            f"Model '{model.name}' is already a QAT model (quantize_model built "
+            f"its layers {qat[:3]}): train or export it as it is, or call "
+            "quantize_model on the float model it came from."
+        )
+    by_keras = {
+        node.name: node.layer.quantization_mode
+        for node in graph.nodes
+        if getattr(node.layer, "quantization_mode", None)
+    }
+    if by_keras:
+        names = list(by_keras)[:3]
+        raise UnsupportedModelError(
+            f"Model '{model.name}' was quantized by Keras (model.quantize("
+            f"'{by_keras[names[0]]}'): layers {names}); its int weights cannot "
+            "train with fake-quant. Call quantize_model on the float model, "
+            "before model.quantize()."
+        )
 
 
 def _check_registered(graph, skip):
