@@ -235,4 +235,5 @@ def test_a_shared_layer_fuses_an_activation_only_if_every_call_does():
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32") * 3
     expected, got = model.predict(x, verbose=0)[1], qat.predict(x, verbose=0)[1]
     assert expected.min() < 0 and got.min() < 0
-    np.testing.assert_allclose(got, expected, atol=0.05)  # int8 weights only
+    # Only the int8 weights differ: a few per cent of the output range.
+    np.testing.assert_allclose(got, expected, atol=0.02 * np.abs(expected).max())
