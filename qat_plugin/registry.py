@@ -345,6 +345,12 @@ def register_layer(layer_class, policy):
             f"{list(REGISTRABLE_POLICIES)} or a qat_plugin.LayerQuantization, "
             f"got {policy!r}."
         )
+    if spec.policy == PASSTHROUGH:
+        # A subclass of an averaging or padding layer still averages or pads.
+        base = next((_ROWS[cls] for cls in layer_class.__mro__[1:] if cls in _ROWS), None)
+        if base is not None and base.policy == PASSTHROUGH:
+            spec = dataclasses.replace(spec, averages=base.averages,
+                                       pads_with_zeros=base.pads_with_zeros)
     _ROWS[layer_class] = spec
 
 

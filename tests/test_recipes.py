@@ -298,3 +298,12 @@ def test_n_of_m_pruning_skips_layers_it_cannot_group():
     pruned = recipes.get("int8-sparse-2x4").prune(model, steps_per_epoch=4)
     names = {layer.name for layer in pruned.layers if isinstance(layer, qat_plugin.PrunedLayer)}
     assert names == {"body", "head"}
+
+
+def test_resolve_gives_a_recipe_with_its_workflow_for_recipe_data():
+    from qat_plugin.config import RecipeConfig
+
+    data = RecipeConfig(name="mine")
+    recipe = recipes.resolve(data)
+    assert isinstance(recipe, recipes.Recipe) and recipe.name == "mine"
+    assert recipes.resolve(recipe) is recipe

@@ -10,6 +10,7 @@ from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 from qat_plugin import registry
 from qat_plugin.layers import PrunedLayer
 from qat_plugin.linear_ops import ConvOp, DenseOp, DepthwiseConvOp, SeparableConvOp
+from qat_plugin.quantize import plan
 from qat_plugin.quantize.build import BUILDERS
 from qat_plugin.registry import LayerQuantization, LayerSpec
 from qat_plugin.sparsity import ConstantSparsity
@@ -341,3 +342,18 @@ def test_a_pruned_layer_quantizes_as_the_layer_it_wraps_without_scale_folds():
 def test_a_pruned_dense_gets_the_dense_row():
     pruned = PrunedLayer(L.Dense(4), ConstantSparsity(0.5))
     assert isinstance(registry.spec_for(pruned).linear_op, DenseOp)
+
+
+def test_a_registered_subclass_of_an_averaging_or_padding_layer_keeps_it(rows):
+    class MyPool(L.AveragePooling2D):
+        pass
+
+    class MyPad(L.ZeroPadding2D):
+        pass
+
+    registry.register_layer(MyPool, "passthrough")
+    registry.register_layer(MyPad, registry.LayerQuantization(passthrough=True))
+    pool = MyPool((2, 2))
+    assert registry.spec_for(pool).averages_for(pool) is True
+    assert registry.spec_for(MyPad()).pads_with_zeros is True
+    assert plan.average_divisor(pool, 8) == 4

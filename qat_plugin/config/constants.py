@@ -39,12 +39,12 @@ def check_freeze_points(quantize_start, bn_freeze, range_freeze, error=ValueErro
         >>> check_freeze_points(5, 3, None)
         Traceback (most recent call last):
         ...
-        ValueError: bn_freeze=3 comes before quantize_start=5: 'bn_freeze' must be at or after quantize_start, or never.
+        ValueError: bn_freeze=3 comes before quantize_start=5: 'bn_freeze' must be at or after quantize_start, or never (None; "never" in a recipe file).
     """
     for name, value in (("bn_freeze", bn_freeze), ("range_freeze", range_freeze)):
         if value is not None and value < quantize_start:
             raise error(
                 f"{where}{name}={value!r} comes before quantize_start="
                 f"{quantize_start!r}: '{name}' must be at or after "
-                "quantize_start, or never."
+                'quantize_start, or never (None; "never" in a recipe file).'
             )

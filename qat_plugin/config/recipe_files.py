@@ -6,6 +6,7 @@ dataclasses are built, and every error names the file, the section, the
 key and what is allowed.
 """
 
+import dataclasses
 import difflib
 import importlib.util
 import os
@@ -64,8 +65,10 @@ def load(path, cls=RecipeConfig, _seen=()):
 
 def resolve(recipe, cls=RecipeConfig):
     """Returns a recipe from a name, a path or a recipe (returned as it is)."""
-    if isinstance(recipe, RecipeConfig):
+    if isinstance(recipe, cls):
         return recipe
+    if isinstance(recipe, RecipeConfig):  # The same data, with cls's methods.
+        return cls(**{f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)})
     if isinstance(recipe, (str, os.PathLike)):
         text = os.fspath(recipe)
         if text.endswith(".toml") or os.sep in text:
