@@ -15,14 +15,21 @@ import numpy as np
 
 
 def as_list(values):
-    """Returns one output (or input) or a list or tuple of them as a list.
+    """Returns one output (or input), a list, tuple or dict of them as a list.
+
+    A dict is flattened as Keras flattens it (sorted keys), which is the
+    order of an exported file's outputs.
 
     Examples:
         >>> import numpy as np
         >>> from qat_plugin.analysis.metrics import as_list
         >>> len(as_list(np.zeros(3))), len(as_list((np.zeros(3), np.ones(2))))
         (1, 2)
+        >>> [a.shape for a in as_list({"score": np.zeros(1), "logits": np.zeros(2)})]
+        [(2,), (1,)]
     """
+    if isinstance(values, dict):
+        return keras.tree.flatten(values)
     return list(values) if isinstance(values, (list, tuple)) else [values]
 
 

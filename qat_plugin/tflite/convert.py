@@ -12,6 +12,7 @@ from qat_plugin.data.batches import calibration_samples, model_call_inputs
 from qat_plugin.files import write_bytes_atomic
 from qat_plugin.distribution import is_primary_process
 from qat_plugin.layers.base import export_mode, is_quantized, quantized_layers
+from qat_plugin.tflite.io_names import with_keras_io_names
 from qat_plugin.tflite.tensorflow_process import run_on_tensorflow
 from qat_plugin.tflite.targets import check_target
 from qat_plugin.tflite.weights import retouched_weights
@@ -260,12 +261,13 @@ def _converted(converter, model, allow_select_tf_ops):
             converter.target_spec.supported_ops or [tf.lite.OpsSet.TFLITE_BUILTINS]
         ) + [tf.lite.OpsSet.SELECT_TF_OPS]
     try:
-        return converter.convert()
+        data = converter.convert()
     except Exception as error:  # The converter raises its own ConverterError.
         friendly = _select_tf_ops_error(model, error)
         if friendly is None:
             raise
         raise friendly from None
+    return with_keras_io_names(data, model)
 
 
 def _warn_select_tf_ops(model, data):

@@ -106,6 +106,24 @@ def dequantize_array(q, detail):
     return (q.astype(np.float32) - zero_point) * scale
 
 
+def _input_key(name, inputs):
+    """The key of dict `inputs` that feeds the file's input tensor `name`.
+
+    `export_tflite` names inputs by the Keras keys; files from a SavedModel
+    signature name them `serving_default_<key>:0`.
+    """
+    if name in inputs:
+        return name
+    match = [k for k in inputs if name.endswith(f"_{k}:0") or name.startswith(f"{k}:")]
+    if len(match) != 1:
+        raise KeyError(
+            f"The model's input '{name}' matches none of the given keys "
+            f"{sorted(inputs)}: pass a dict keyed by the input names, or a "
+            "list in the model's input order."
+        )
+    return match[0]
+
+
 class TFLiteModel:
     """A .tflite model in the LiteRT interpreter, called like `model.predict`.
 
@@ -150,21 +168,12 @@ class TFLiteModel:
     def _as_list(self, x):
         """Orders inputs as the interpreter's input details.
 
-        A dict is matched by input name; a list is in the exported model's
-        input order (the Keras model's, as `export_tflite` writes it).
+        A dict is matched by input name (`export_tflite` names the inputs
+        with the Keras model's keys or `Input` names); a list is in the
+        exported model's input order (the Keras model's).
         """
         if isinstance(x, dict):
-            ordered = []
-            for detail in self.input_details:
-                name = detail["name"]
-                match = [k for k in x if name == k or name.endswith(f"_{k}:0") or name.startswith(f"{k}:")]
-                if len(match) != 1:
-                    raise KeyError(
-                        f"Cannot match interpreter input '{name}' to one of "
-                        f"the given inputs {sorted(x)}."
-                    )
-                ordered.append(x[match[0]])
-            return ordered
+            return [x[_input_key(detail["name"], x)] for detail in self.input_details]
         if isinstance(x, (list, tuple)):
             if len(x) != len(self.input_details):
                 raise ValueError(
