@@ -37,3 +37,7 @@ class ExportError(QATError, RuntimeError):
 
 class TensorFlowProcessError(QATError, RuntimeError):
     """The TensorFlow child process that exports a JAX/torch model failed."""
+
+
+class UnwritablePathError(QATError, PermissionError):
+    """A file cannot be written where it was asked for."""

@@ -1,41 +1,150 @@
-"""Writing files so that a crash never leaves a half-written one behind."""
+"""Writing files so that a crash never leaves a half-written one behind.
+
+A file is written to a temporary file beside it, named after it
+(`.model.tflite.tmp-<pid>-<random>`), then renamed over it. The temporary
+file is removed on any exception; one left by a killed process (its pid no
+longer runs) is removed by the next write to the same path.
+"""
 
 import os
 import tempfile
+
+from qat_plugin.errors import UnwritablePathError
+
+# Room for the pid and mkstemp's random part within a 255-byte file name.
+_MAX_STEM = 200
+
+
+def temp_prefix(path):
+    """The name prefix of `path`'s temporary files, before the writer's pid.
+
+    Examples:
+        >>> temp_prefix("out/model.tflite")
+        '.model.tflite.tmp-'
+    """
+    return f".{os.path.basename(os.fspath(path))[:_MAX_STEM]}.tmp-"
+
+
+def stale_temp_files(path):
+    """The temporary files of `path` whose writer process no longer runs.
+
+    Only names of `path`'s own pattern count, and only those whose pid is
+    not a running process: a temporary file another live writer is still
+    filling is never listed.
+
+    Examples:
+        >>> import os, tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> dead = os.path.join(folder, ".m.tflite.tmp-999999999-abc")
+        >>> open(dead, "wb").close()
+        >>> [os.path.basename(p) for p in stale_temp_files(os.path.join(folder, "m.tflite"))]
+        ['.m.tflite.tmp-999999999-abc']
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = temp_prefix(path)
+    stale = []
+    for name in sorted(os.listdir(directory)):
+        pid, dash, _ = name[len(prefix):].partition("-")
+        if name.startswith(prefix) and dash and pid.isdecimal() and not _running(int(pid)):
+            stale.append(os.path.join(directory, name))
+    return stale
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # Another user's process: it runs.
+        return True
+    except OverflowError:  # Not a pid this system can have.
+        return False
+    return True
+
+
+def check_writable(path):
+    """Raises `UnwritablePathError` unless a file can be written at `path`.
+
+    Creates and removes a temporary file in `path`'s folder, which must
+    exist: this is the check a writer makes before hours of work.
+
+    Examples:
+        >>> import os, tempfile
+        >>> check_writable(os.path.join(tempfile.mkdtemp(), "model.tflite"))
+        >>> check_writable("/proc/model.tflite")
+        Traceback (most recent call last):
+        ...
+        qat_plugin.errors.UnwritablePathError: Cannot write /proc/model.tflite: ...
+    """
+    fd, tmp = _open_temp(os.fspath(path))
+    os.close(fd)
+    os.remove(tmp)
 
 
 def write_bytes_atomic(path, data):
     """Writes `data` to `path` through a temporary file and a rename.
 
     Readers see the old file or the complete new one, never a partial one;
-    on failure the temporary file is removed.
+    on any failure the temporary file is removed, and temporary files of
+    `path` left by killed processes are removed first. A folder that cannot
+    be written raises `UnwritablePathError` naming `path`.
 
     Examples:
         >>> import os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
         >>> write_bytes_atomic(path, b"abc")
-        >>> open(path, "rb").read()
-        b'abc'
+        >>> open(path, "rb").read(), os.listdir(os.path.dirname(path))
+        (b'abc', ['model.tflite'])
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"Cannot write {path}: the folder {directory} does not exist."
-        )
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = _open_temp(path)
     try:
+        for stale in stale_temp_files(path):
+            _remove(stale)
         # mkstemp makes the file private (0600); give it the permissions a
         # plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
+            fd = None
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except PermissionError as error:
+            raise _unwritable(path, error) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if fd is not None:
+            os.close(fd)
+        _remove(tmp)
         raise
+
+
+def _open_temp(path):
+    """`mkstemp` beside `path`, with errors that name `path`, not the temp file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"Cannot write {path}: the folder {directory} does not exist."
+        )
+    try:
+        return tempfile.mkstemp(prefix=f"{temp_prefix(path)}{os.getpid()}-", dir=directory)
+    except OSError as error:
+        raise _unwritable(path, error) from None
+
+
+def _unwritable(path, error):
+    return UnwritablePathError(
+        f"Cannot write {path}: its folder {os.path.dirname(os.path.abspath(path))} "
+        f"is not writable ({error.strerror or error}). "
+        "Choose another path or make the folder writable."
+    )
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:  # Removed by another writer meanwhile.
+        pass
