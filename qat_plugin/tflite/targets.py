@@ -14,9 +14,12 @@ meets the target, the offending ops and what else the target needs to know:
   whose printed report is captured and parsed, plus two rules of the GPU
   delegate the analyzer of this TensorFlow build does not flag (builtin
   ops only, no int16 tensors).
-- `"mcu"`: TensorFlow Lite Micro. int8 only (int8 activations, int8 weights,
-  int32 biases), every op in TFLM's builtin op set (`TFLM_BUILTIN_OPS`), and
-  the tensor arena the activations need (`arena_plan`), beside the weights.
+- `"mcu"`: TensorFlow Lite Micro (`qat_plugin.tflite.mcu_target`): int8 or
+  int16x8 models. With the `mcu` extra the model runs in TFLM itself (its
+  registered ops, the arena it allocates and the smallest it starts in,
+  outputs against LiteRT's reference kernels, host latency); without it,
+  TFLM's op list and an arena estimate (`arena_plan`). `arena_limit=`
+  refuses a model that needs a larger arena.
 
 Examples:
     >>> import keras, numpy as np, qat_plugin
@@ -26,8 +29,8 @@ Examples:
     >>> qat = qat_plugin.quantize_model(model)
     >>> _ = qat(x, training=True)  # observes the activation ranges
     >>> check = check_target(qat_plugin.export_tflite(qat), "mcu")
-    >>> check.compatible, check.arena.peak_live_bytes
-    (True, 6)
+    >>> check.compatible, check.arena.peak_live_bytes, check.arena.arena_bytes
+    (True, 6, 32)
 """
 
 import contextlib
@@ -35,73 +38,14 @@ import dataclasses
 import io
 
 from qat_plugin.config.constants import TARGETS
+from qat_plugin.tflite.arena import ArenaPlan, arena_plan
 from qat_plugin.tflite.flatbuffer import read_graph
 from qat_plugin.tflite.interpreter import load_model_bytes, make_interpreter
+from qat_plugin.tflite.mcu_target import check_mcu
 
-# The builtin ops of TensorFlow Lite Micro: one per `Add*` method of
-# `MicroMutableOpResolver` that registers a builtin (custom ops such as
-# CIRCULAR_BUFFER, ETHOSU and TFLite_Detection_PostProcess left out), read
-# from tensorflow/tflite-micro, tensorflow/lite/micro/micro_mutable_op_resolver.h
-# at commit 03c312b17dfae17a8ed7e21c5bdf66bb967a07cd. Newer TFLM releases add
-# ops; an op missing here is refused, never silently accepted.
-TFLM_BUILTIN_OPS = frozenset({
-    "ABS", "ADD", "ADD_N", "ARG_MAX", "ARG_MIN", "AVERAGE_POOL_2D",
-    "BATCH_TO_SPACE_ND", "CAST", "CEIL", "CONCATENATION", "CONV_2D", "COS",
-    "CUMSUM", "DEPTH_TO_SPACE", "DEPTHWISE_CONV_2D", "DEQUANTIZE", "ELU",
-    "EQUAL", "EXP", "EXPAND_DIMS", "FILL", "FLOOR", "FLOOR_DIV", "FLOOR_MOD",
-    "FULLY_CONNECTED", "GATHER", "GATHER_ND", "GREATER", "GREATER_EQUAL",
-    "HARD_SWISH", "IF", "L2_NORMALIZATION", "L2_POOL_2D", "LEAKY_RELU",
-    "LESS", "LESS_EQUAL", "LOG", "LOGICAL_AND", "LOGICAL_NOT", "LOGICAL_OR",
-    "LOGISTIC", "MAXIMUM", "MAX_POOL_2D", "MEAN", "MINIMUM", "MUL", "NEG",
-    "NOT_EQUAL", "PACK", "PAD", "PADV2", "PRELU", "QUANTIZE", "REDUCE_MAX",
-    "RELU", "RELU6", "RESHAPE", "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR",
-    "ROUND", "RSQRT", "SHAPE", "SIN", "SOFTMAX", "SPACE_TO_BATCH_ND",
-    "SPACE_TO_DEPTH", "SPLIT", "SPLIT_V", "SQUEEZE", "SQRT", "SQUARE",
-    "STRIDED_SLICE", "SUB", "SVDF", "TANH", "TRANSPOSE_CONV", "TRANSPOSE",
-    "UNPACK", "ZEROS_LIKE",
-})
-
-# TFLM aligns every arena buffer to 16 bytes (MicroArenaBufferAlignment()).
-ARENA_ALIGNMENT = 16
-
-# Tensor types an int8 microcontroller model may hold: int8 data, int32
-# biases (and the int32 shape/axis constants of RESHAPE, MEAN, ...).
-_MCU_TYPES = ("int8", "int32")
-
-
-@dataclasses.dataclass(frozen=True)
-class ArenaPlan:
-    """The activation memory of a model, from its tensors' lifetimes.
-
-    Attributes:
-        peak_live_bytes: the largest sum, over the ops in execution order,
-            of the (unaligned) sizes of the non-constant tensors alive while
-            that op runs: a tensor lives from the op that writes it (the
-            start for a model input) to the last op that reads it (the end
-            for a model output). No allocator can do with less.
-        arena_bytes: the arena of a greedy plan like TFLM's
-            `GreedyMemoryPlanner`: buffers (16-byte aligned) placed largest
-            first at the lowest offset free during their lifetime. Kernel
-            scratch buffers and TFLM's own bookkeeping come on top.
-        weight_bytes: the bytes of constant tensors (weights, biases,
-            shapes), which stay in flash.
-        tensors: `(index, name, bytes, first_op, last_op, offset)` per
-            planned tensor.
-
-    Examples:
-        >>> import keras, qat_plugin
-        >>> from qat_plugin.tflite.targets import arena_plan
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, use_bias=False)])
-        >>> plan = arena_plan(qat_plugin.export_tflite(model, mode="float"))
-        >>> plan.arena_bytes, plan.weight_bytes  # in/out 16 + 8 bytes, 16-aligned; 2x4 floats
-        (32, 32)
-    """
-
-    peak_live_bytes: int
-    arena_bytes: int
-    weight_bytes: int
-    tensors: tuple = ()
-
+# `arena_plan` and `ArenaPlan` are re-exported here, beside the checks.
+__all__ = ["ArenaPlan", "TargetCheck", "arena_plan", "check_target", "flex_ops",
+           "gpu_analysis", "xnnpack_partition"]
 
 @dataclasses.dataclass(frozen=True)
 class TargetCheck:
@@ -112,8 +56,11 @@ class TargetCheck:
         compatible: True when the model meets it.
         offending: `(op_name, reason)` pairs that stop it.
         notes: what else the target should know (ops XNNPACK leaves to
-            TFLite's builtin kernels, the arena size, ...).
-        arena: the `ArenaPlan` (for `"mcu"`).
+            TFLite's builtin kernels; for `"mcu"` flash, arena, bit-exactness,
+            latency and a per-op table of the live activations).
+        arena: the `ArenaPlan` (for `"mcu"`): the offline plan and estimate.
+        micro: the `qat_plugin.tflite.micro.MicroRun` (for `"mcu"` with the
+            `tflite-micro` wheel installed): what TFLM itself measured.
 
     Examples:
         >>> from qat_plugin.tflite.targets import TargetCheck
@@ -127,6 +74,14 @@ class TargetCheck:
     offending: tuple = ()
     notes: tuple = ()
     arena: ArenaPlan = None
+    micro: object = None
+
+    @property
+    def arena_bytes(self):
+        """The arena the model needs (`"mcu"`): TFLM's smallest, else the estimate."""
+        if self.micro is not None and self.micro.runs:
+            return self.micro.smallest_arena_bytes
+        return self.arena.estimated_bytes if self.arena is not None else None
 
     def summary(self):
         """A readable verdict: the target, then one line per offending op and note."""
@@ -137,66 +92,6 @@ class TargetCheck:
 
     def __str__(self):
         return self.summary()
-
-
-def arena_plan(tflite):
-    """Returns the `ArenaPlan` of a .tflite model (bytes or path).
-
-    Exact tensor lifetimes over the ops in execution order give
-    `peak_live_bytes`; a greedy, largest-first placement (as TFLM's
-    `GreedyMemoryPlanner` does) gives `arena_bytes`. A dynamic batch axis
-    counts as 1, as on a microcontroller.
-
-    Examples:
-        >>> import keras, qat_plugin
-        >>> from qat_plugin.tflite.targets import arena_plan
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> arena_plan(qat_plugin.export_tflite(model)).peak_live_bytes  # float
-        24
-    """
-    graph = read_graph(load_model_bytes(tflite))
-    last_op = len(graph.op_names) - 1
-    first, last = {}, {}
-    for index in graph.inputs:
-        first[index] = 0
-    for op, (ins, outs) in enumerate(zip(graph.op_inputs, graph.op_outputs)):
-        for t in outs:
-            first.setdefault(t, op)
-            last.setdefault(t, op)
-        for t in ins:
-            if not graph.constant[t]:
-                first.setdefault(t, op)
-                last[t] = op
-    for index in graph.outputs:
-        last[index] = last_op
-    planned = sorted(t for t in first if not graph.constant[t])
-    sizes = {t: graph.nbytes(t) for t in planned}
-    peak = max(
-        (sum(sizes[t] for t in planned if first[t] <= op <= last[t])
-         for op in range(last_op + 1)),
-        default=0,
-    )
-    aligned = {t: -(-sizes[t] // ARENA_ALIGNMENT) * ARENA_ALIGNMENT for t in planned}
-    offsets = {}
-    for t in sorted(planned, key=lambda t: (-sizes[t], t)):
-        busy = sorted(
-            (offsets[o], offsets[o] + aligned[o])
-            for o in offsets
-            if first[o] <= last[t] and first[t] <= last[o]
-        )
-        offset = 0
-        for start, end in busy:
-            if offset + aligned[t] <= start:
-                break
-            offset = max(offset, end)
-        offsets[t] = offset
-    arena = max((offsets[t] + aligned[t] for t in planned), default=0)
-    weights = sum(graph.nbytes(t) for t, c in enumerate(graph.constant) if c)
-    tensors = tuple(
-        (t, graph.names[t], sizes[t], first[t], last[t], offsets[t]) for t in planned
-    )
-    return ArenaPlan(peak_live_bytes=peak, arena_bytes=arena, weight_bytes=weights,
-                     tensors=tensors)
 
 
 def _is_flex(name):
@@ -331,41 +226,16 @@ def _check_gpu(data, graph):
     return TargetCheck("gpu", not offending, tuple(offending))
 
 
-def _check_mcu(data, graph):
-    offending = []
-    for name in sorted(set(graph.op_names)):
-        if name not in TFLM_BUILTIN_OPS:
-            offending.append((name, "not in TensorFlow Lite Micro's builtin op set"))
-    for op, (name, ins, outs) in enumerate(
-        zip(graph.op_names, graph.op_inputs, graph.op_outputs)
-    ):
-        types = sorted({graph.dtypes[t] for t in ins + outs} - set(_MCU_TYPES))
-        if types:
-            offending.append(
-                (f"{name}#{op}", f"has {'/'.join(types)} tensors; the mcu target "
-                 "is int8 only")
-            )
-    for t in graph.inputs + graph.outputs:
-        if graph.dtypes[t] != "int8":
-            offending.append(
-                (graph.names[t], f"model input/output is {graph.dtypes[t]}, not int8")
-            )
-    plan = arena_plan(data)
-    notes = (
-        f"arena: {plan.arena_bytes} bytes (greedy plan, 16-byte aligned; "
-        f"peak of live activations {plan.peak_live_bytes} bytes) + kernel "
-        f"scratch; weights: {plan.weight_bytes} bytes",
-    )
-    return TargetCheck("mcu", not offending, tuple(offending), notes, plan)
-
-
-def check_target(tflite, target, *, allow_select_tf_ops=False):
+def check_target(tflite, target, *, allow_select_tf_ops=False, arena_limit=None):
     """Checks a .tflite model (bytes or path) against a deployment target.
 
     Args:
         tflite: .tflite bytes or a path.
         target: one of `TARGETS`.
         allow_select_tf_ops: for `"cpu"`, accept Select TF (Flex) ops.
+        arena_limit: for `"mcu"`, the tensor arena the device has (bytes):
+            a model that needs more fails the check, naming the peak
+            tensors.
 
     Returns:
         A `TargetCheck`.
@@ -375,15 +245,21 @@ def check_target(tflite, target, *, allow_select_tf_ops=False):
         >>> from qat_plugin.tflite.targets import check_target
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
         >>> check = check_target(qat_plugin.export_tflite(model), "mcu")
-        >>> check.compatible, check.offending[0]
-        (False, ('FULLY_CONNECTED#0', 'has float32 tensors; the mcu target is int8 only'))
+        >>> check.compatible, check.offending[0][1][:19]
+        (False, 'has float32 tensors')
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
+    if arena_limit is not None and target != "mcu":
+        raise ValueError(f"arena_limit applies to target 'mcu', not {target!r}.")
+    if arena_limit is not None and (not isinstance(arena_limit, int) or arena_limit <= 0):
+        raise ValueError(f"arena_limit must be a positive number of bytes, got {arena_limit!r}.")
     data = load_model_bytes(tflite)
     graph = read_graph(data)
     if target == "cpu":
         return _check_cpu(data, graph, allow_select_tf_ops)
     if target == "gpu":
         return _check_gpu(data, graph)
-    return _check_mcu(data, graph)
+    found = check_mcu(data, arena_limit=arena_limit)
+    return TargetCheck("mcu", not found.offending, found.offending, found.notes,
+                       found.plan, found.run)
