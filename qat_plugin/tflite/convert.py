@@ -30,6 +30,7 @@ def export_tflite(
     sparse_weights=False,
     target=None,
     allow_select_tf_ops=False,
+    arena_limit=None,
 ):
     """Converts `model` to a .tflite flatbuffer and returns its bytes.
 
@@ -77,6 +78,10 @@ def export_tflite(
             `qat_plugin.tflite.targets`): the converted model is checked against it
             and an `ExportError` lists the offending ops when it falls short.
             Nothing is written then.
+        arena_limit: with `target="mcu"`, the tensor arena the device has
+            (bytes): a model that needs more (measured in TensorFlow Lite
+            Micro when the `mcu` extra is installed, else estimated) fails
+            with an `ExportError` naming the peak tensors.
         allow_select_tf_ops: let ops with no TFLite builtin (in a float
             island kept by `quantize_model(..., skip=...)`, or a float
             model) convert as Select TF ("Flex") ops. Without it such a
@@ -110,9 +115,12 @@ def export_tflite(
             sparse_weights=sparse_weights,
             target=target,
             allow_select_tf_ops=allow_select_tf_ops,
+            arena_limit=arena_limit,
         )
     if target is not None and target not in TARGETS:
         raise ValueError(f"target must be None or one of {TARGETS}, got {target!r}.")
+    if arena_limit is not None and target != "mcu":
+        raise ValueError(f"arena_limit applies to target='mcu', got target={target!r}.")
     if sparse_weights and not is_quantized(model):
         raise ValueError(
             "sparse_weights=True applies to QAT models (from quantize_model); "
@@ -137,7 +145,8 @@ def export_tflite(
     if allow_select_tf_ops:
         _warn_select_tf_ops(model, data)
     if target is not None:
-        check = check_target(data, target, allow_select_tf_ops=allow_select_tf_ops)
+        check = check_target(data, target, allow_select_tf_ops=allow_select_tf_ops,
+                             arena_limit=arena_limit)
         if not check.compatible:
             offending = "\n".join(f"  - {op}: {why}" for op, why in check.offending)
             raise ExportError(
