@@ -1,14 +1,17 @@
 """`TFLiteExport`: writes the int8 .tflite during `fit` and scores it."""
 
 import os
+import tempfile
+import warnings
 
 import keras
 
 from qat_plugin.distribution import is_primary_process
 from qat_plugin.analysis.metrics import top1_accuracy
+from qat_plugin.errors import UnwritablePathError
 from qat_plugin.layers.base import is_quantized
 from qat_plugin.tflite.convert import export_tflite
-from qat_plugin.files import write_bytes_atomic
+from qat_plugin.files import check_writable, write_bytes_atomic
 from qat_plugin.tflite.interpreter import TFLiteModel
 
 MODES = ("auto", "min", "max")
@@ -23,6 +26,17 @@ class TFLiteExport(keras.callbacks.Callback):
     exported at each epoch whose `monitor` value improves, as
     `keras.callbacks.ModelCheckpoint` does. The file is written atomically:
     readers never see a partial file.
+
+    Training is never lost to the export. When training begins, the folder
+    of `filepath` is created and checked writable, so a bad path fails
+    before the first epoch (`UnwritablePathError` naming it). An export
+    that fails later (a converter error, a disk that filled up, a
+    `filepath` key missing from the logs, a `monitor` not in the logs)
+    does not end `fit`: the trained model is saved beside the target as
+    `<name>.unexported.keras` (in a new temporary folder if that folder
+    cannot be written), a warning names the error and that file, the error
+    is kept in `export_error` and the file's path in `rescued_path`, and
+    `fit` returns its `History`.
 
     With `validation_data`, each exported model runs in the LiteRT
     interpreter on it and `int8_accuracy` is added to the epoch's `logs`
@@ -101,6 +115,8 @@ class TFLiteExport(keras.callbacks.Callback):
         self.best = None
         self.int8_accuracy = None
         self.last_path = None
+        self.export_error = None
+        self.rescued_path = None
         self._exported_last_epoch = False
 
     def on_train_begin(self, logs=None):
@@ -110,20 +126,74 @@ class TFLiteExport(keras.callbacks.Callback):
                 "pass the model returned by qat_plugin.quantize_model (export "
                 "float models with qat_plugin.export_tflite(model, mode=...))."
             )
+        if is_primary_process():
+            self._check_folder()
         self.best = None
+        self.export_error = None
+        self.rescued_path = None
         self._exported_last_epoch = False
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {} if logs is None else logs
         self._exported_last_epoch = False
         if self.save_best_only:
-            self._export_if_best(epoch, logs)
+            self._keeping_the_model(self._export_if_best, epoch, logs)
         elif epoch + 1 >= self.params.get("epochs", 0) or self.model.stop_training:
-            self._export(epoch, logs)
+            self._keeping_the_model(self._export, epoch, logs)
 
     def on_train_end(self, logs=None):
         if not self.save_best_only and not self._exported_last_epoch:
-            self._export(self._last_epoch(), {} if logs is None else logs)
+            logs = {} if logs is None else logs
+            self._keeping_the_model(self._export, self._last_epoch(), logs)
+
+    def _check_folder(self):
+        """Creates `filepath`'s folder (up to a `{...}` part) and checks it is writable."""
+        folder = os.path.dirname(os.path.abspath(self.filepath))
+        static = folder.split("{", 1)[0]
+        if static != folder:
+            static = os.path.dirname(static)
+        try:
+            os.makedirs(static, exist_ok=True)
+        except OSError as error:
+            raise UnwritablePathError(
+                f"TFLiteExport: cannot create the folder {static} for "
+                f"{self.filepath} ({error.strerror or error}). Choose a "
+                "filepath in a folder that can be written."
+            ) from None
+        check_writable(os.path.join(static, os.path.basename(self.filepath)))
+
+    def _keeping_the_model(self, export, epoch, logs):
+        """Runs `export`; if it fails, saves the model, warns and goes on."""
+        try:
+            export(epoch, logs)
+        except Exception as error:  # Whatever failed, the training stays.
+            self.export_error = error
+            self._exported_last_epoch = True  # Tried: on_train_end does not retry.
+            if is_primary_process():
+                self._rescue(self._path(epoch, logs, default=self.filepath), error)
+
+    def _rescue(self, target, error):
+        name = os.path.basename(target)[: -len(".tflite")] + ".unexported.keras"
+        saved, problem = None, ""
+        for folder in (os.path.dirname(os.path.abspath(target)), None):
+            try:
+                folder = folder or tempfile.mkdtemp(prefix="qat_plugin-")
+                os.makedirs(folder, exist_ok=True)
+                saved = os.path.join(folder, name)
+                self.model.save(saved)
+                break
+            except Exception as save_error:
+                saved, problem = None, f" Saving the model failed too: {save_error}."
+        self.rescued_path = saved
+        kept = (f"The trained model is saved in {saved}; export it with "
+                f"qat_plugin.export_tflite(keras.saving.load_model({saved!r}), path). "
+                if saved else problem + " ")
+        warnings.warn(
+            f"TFLiteExport could not export {target}: {type(error).__name__}: "
+            f"{error} {kept}Training goes on and fit returns its History; the "
+            "error is in this callback's export_error.",
+            stacklevel=2,
+        )
 
     def _last_epoch(self):
         history = getattr(self.model, "history", None)
@@ -150,17 +220,23 @@ class TFLiteExport(keras.callbacks.Callback):
         self.best = current
         self._export(epoch, logs, data)
 
-    def _export(self, epoch, logs, data=None):
-        if data is None:
-            data = export_tflite(self.model)
-            logs.update(self._score(data))
+    def _path(self, epoch, logs, default=None):
+        """`filepath` with the epoch and logs filled in (`default` if they cannot be)."""
         try:
-            path = self.filepath.format(epoch=epoch + 1, **logs)
-        except KeyError as error:
+            return self.filepath.format(epoch=epoch + 1, **logs)
+        except (KeyError, IndexError, ValueError) as error:
+            if default is not None:
+                return default
             raise KeyError(
                 f"TFLiteExport: cannot format filepath {self.filepath!r}: "
                 f"{error} is not a log key; keys: {sorted(logs)}."
             ) from None
+
+    def _export(self, epoch, logs, data=None):
+        if data is None:
+            data = export_tflite(self.model)
+            logs.update(self._score(data))
+        path = self._path(epoch, logs)
         if is_primary_process():  # one writer in multi-process training
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, exist_ok=True)

@@ -6,12 +6,13 @@ file is removed on any exception; one left by a killed process (its pid no
 longer runs) is removed by the next write to the same path.
 """
 
+import contextlib
 import os
-import tempfile
+import secrets
 
 from qat_plugin.errors import UnwritablePathError
 
-# Room for the pid and mkstemp's random part within a 255-byte file name.
+# Room for the pid and the random part within a 255-byte file name.
 _MAX_STEM = 200
 
 
@@ -100,12 +101,10 @@ def write_bytes_atomic(path, data):
     fd, tmp = _open_temp(path)
     try:
         for stale in stale_temp_files(path):
-            _remove(stale)
-        # mkstemp makes the file private (0600); give it the permissions a
-        # plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+            # Best effort: another user's file in a shared folder may not be
+            # ours to remove, and must not fail this write.
+            with contextlib.suppress(OSError):
+                os.remove(stale)
         with os.fdopen(fd, "wb") as f:
             fd = None
             f.write(data)
@@ -123,16 +122,27 @@ def write_bytes_atomic(path, data):
 
 
 def _open_temp(path):
-    """`mkstemp` beside `path`, with errors that name `path`, not the temp file."""
+    """A new temporary file beside `path`; errors name `path`, not the temp file.
+
+    Created with mode 0o666 so the umask gives it the permissions a plain
+    `open()` would (`mkstemp` makes files private, and reading the umask
+    means setting it, which races with other threads).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"Cannot write {path}: the folder {directory} does not exist."
         )
-    try:
-        return tempfile.mkstemp(prefix=f"{temp_prefix(path)}{os.getpid()}-", dir=directory)
-    except OSError as error:
-        raise _unwritable(path, error) from None
+    prefix = os.path.join(directory, f"{temp_prefix(path)}{os.getpid()}-")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = prefix + secrets.token_hex(4)
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # The same random part: draw again.
+            continue
+        except OSError as error:
+            raise _unwritable(path, error) from None
 
 
 def _unwritable(path, error):

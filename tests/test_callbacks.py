@@ -21,6 +21,7 @@ from qat_plugin.callbacks import (
 )
 from qat_plugin.layers import QuantizedLinear
 from qat_plugin.config.constants import NEVER
+from qat_plugin.errors import UnwritablePathError
 
 BATCH = 4
 STEPS = 12
@@ -460,10 +461,6 @@ def test_export_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="pass validation_data"):
         TFLiteExport(tmp_path / "m.tflite", monitor="int8_accuracy")
     x, y = data()
-    model = qat_model()
-    with pytest.raises(KeyError, match="monitor='val_loss' is not in the logs"):
-        model.fit(x, y, epochs=1, verbose=0, callbacks=[
-            TFLiteExport(tmp_path / "m.tflite", save_best_only=True)])
     float_net = float_model()
     float_net.compile("sgd", "sparse_categorical_crossentropy")
     with pytest.raises(ValueError, match="is not a QAT model"):
@@ -485,3 +482,93 @@ def test_callback_configs_round_trip(callback):
     restored = keras.saving.deserialize_keras_object(config)
     assert type(restored) is type(callback)
     assert restored.get_config() == callback.get_config()
+
+
+# -- training is never lost to the export ----------------------------------
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+@pytest.mark.parametrize("filepath,message", [
+    ("/proc/qat/model.tflite", "cannot create the folder /proc/qat for /proc/qat/model.tflite"),
+    ("/proc/model.tflite", "Cannot write /proc/model.tflite: its folder /proc is not writable"),
+])
+def test_export_to_an_unwritable_folder_fails_before_the_first_epoch(filepath, message):
+    x, y = data()
+    model = qat_model()
+    recorder = EpochRecorder()
+    with pytest.raises(UnwritablePathError, match=message):
+        model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0,
+                  callbacks=[recorder, TFLiteExport(filepath)])
+    assert recorder.epochs == []
+    assert current_phase(model)["step"] == 0
+
+
+def test_export_creates_missing_folders_up_to_a_placeholder(tmp_path):
+    x, y = data()
+    model = qat_model()
+    export = TFLiteExport(tmp_path / "a" / "b" / "run-{epoch}" / "m.tflite")
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[export])
+    assert export.last_path == str(tmp_path / "a" / "b" / "run-1" / "m.tflite")
+    assert qat_plugin.inspect_tflite(export.last_path).is_fully_int8
+    assert export.export_error is None and export.rescued_path is None
+
+
+class FolderBecomesAFile(keras.callbacks.Callback):
+    """Replaces the export's folder by a file before the last export."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.params["epochs"]:
+            os.rmdir(self.folder)
+            open(self.folder, "w").close()
+
+
+def check_rescued(model, export, history, epochs, caught):
+    """`fit` returned its History; the rescued .keras is the trained model."""
+    assert history.epoch == list(range(epochs))
+    (warning,) = [w for w in caught if "TFLiteExport could not export" in str(w.message)]
+    assert export.rescued_path in str(warning.message)
+    x, _ = data(8, seed=1)
+    restored = keras.saving.load_model(export.rescued_path)
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_an_export_failing_at_the_end_keeps_the_trained_model(tmp_path):
+    x, y = data()
+    model = qat_model()
+    folder = tmp_path / "out"
+    export = TFLiteExport(folder / "model.tflite")
+    with pytest.warns(UserWarning) as caught:
+        history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0,
+                            callbacks=[FolderBecomesAFile(folder), export])
+    assert isinstance(export.export_error, OSError)
+    # Its folder is a file now: the model went to a new temporary folder.
+    assert os.path.basename(export.rescued_path) == "model.unexported.keras"
+    assert not export.rescued_path.startswith(str(tmp_path))
+    check_rescued(model, export, history, 2, caught)
+
+
+def test_a_monitor_or_filepath_key_missing_from_the_logs_keeps_the_model(tmp_path):
+    x, y = data()
+    for export in (TFLiteExport(tmp_path / "m.tflite", save_best_only=True),
+                   TFLiteExport(tmp_path / "m-{nope}.tflite")):
+        model = qat_model()
+        with pytest.warns(UserWarning) as caught:
+            history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
+                                callbacks=[export])
+        assert isinstance(export.export_error, KeyError)
+        assert "is not" in str(export.export_error)
+        assert os.path.dirname(export.rescued_path) == str(tmp_path)
+        check_rescued(model, export, history, 1, caught)
+    assert sorted(os.listdir(tmp_path)) == ["m-{nope}.unexported.keras", "m.unexported.keras"]
