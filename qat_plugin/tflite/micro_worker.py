@@ -115,9 +115,10 @@ def _load_error(data, arena):
         chunks.append(chunk)
     os.close(read)
     _, status = os.waitpid(pid, 0)
+    text = b"".join(chunks).decode("utf-8", "replace").strip()
     if not os.WIFEXITED(status):
-        return "the interpreter crashed (signal %d)" % os.WTERMSIG(status)
-    return b"".join(chunks).decode("utf-8", "replace").strip() or None
+        return f"{text}\nthe interpreter crashed (signal {os.WTERMSIG(status)})".strip()
+    return text or None
 
 
 def _smallest_arena(data, works, inputs):
