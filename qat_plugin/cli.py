@@ -64,6 +64,9 @@ def _parser():
                          help="print op counts and float ops as JSON")
     inspect.add_argument("--target", action="append", choices=("cpu", "gpu", "mcu"),
                          help="check a deployment target (repeatable)")
+    inspect.add_argument("--arena", type=int, metavar="BYTES",
+                         help="the tensor arena of the microcontroller: checks target mcu "
+                              "against it (exit status 1 when the model needs more)")
 
     recipes = commands.add_parser(
         "recipes", help="list the built-in QAT recipes, or show one with its documentation"
@@ -188,7 +191,9 @@ def _compare(args):
 def _inspect(args):
     from qat_plugin.tflite.inspection import inspect_tflite
 
-    report = inspect_tflite(args.model, targets=tuple(args.target or ()))
+    targets = tuple(args.target or ()) + (("mcu",) if args.arena else ())
+    report = inspect_tflite(args.model, targets=tuple(dict.fromkeys(targets)),
+                            arena_limit=args.arena)
     if args.json:
         print(json.dumps({
             "size_bytes": report.size_bytes,
@@ -201,12 +206,13 @@ def _inspect(args):
                         for t in report.outputs],
             "targets": {c.target: {"compatible": c.compatible,
                                    "offending": [list(o) for o in c.offending],
-                                   "notes": list(c.notes)}
+                                   "notes": list(c.notes),
+                                   "arena_bytes": c.arena_bytes}
                         for c in report.targets},
         }, indent=2))
     else:
         print(report.summary())
-    return 0
+    return 1 if args.arena and not report.target("mcu").compatible else 0
 
 
 def _recipes(args):

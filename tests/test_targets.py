@@ -173,3 +173,19 @@ def test_cli_inspect_reports_targets(tmp_path, capsys):
     assert main(["inspect", str(path), "--target", "mcu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["targets"]["mcu"]["compatible"] is True
+
+
+def test_cli_inspect_checks_an_arena_limit(tmp_path, capsys):
+    from qat_plugin.cli import main
+
+    path = tmp_path / "model.tflite"
+    path.write_bytes(small_int8())
+    needed = check_target(path, "mcu").arena_bytes  # TFLM's, or the estimate
+    assert main(["inspect", str(path), "--arena", str(needed)]) == 0
+    assert "mcu: compatible" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--arena", str(needed - 1)]) == 1
+    out = capsys.readouterr().out
+    assert "mcu: NOT compatible" in out
+    assert f"- arena: needs {needed} bytes, over the limit of {needed - 1}" in out
+    with pytest.raises(ValueError, match="arena_limit applies to target 'mcu'"):
+        qat_plugin.inspect_tflite(path, targets="cpu", arena_limit=100)

@@ -238,7 +238,7 @@ def _tensor_info(detail):
     )
 
 
-def inspect_tflite(model, targets=()):
+def inspect_tflite(model, targets=(), arena_limit=None):
     """Reports a .tflite model's ops, tensor types and quantization.
 
     Args:
@@ -248,6 +248,8 @@ def inspect_tflite(model, targets=()):
             the model meets each, which ops stand in the way, which ops
             XNNPACK leaves to TFLite's kernels (cpu) and the tensor arena a
             microcontroller needs (mcu). See `qat_plugin.tflite.targets`.
+        arena_limit: the tensor arena of the microcontroller (bytes), for
+            target `"mcu"`: the check fails when the model needs more.
 
     Returns:
         A `TFLiteReport`; `str(report)` is a readable table, and
@@ -264,7 +266,12 @@ def inspect_tflite(model, targets=()):
     data = load_model_bytes(model)
     if isinstance(targets, str):
         targets = TARGETS if targets == "all" else (targets,)
-    checks = tuple(check_target(data, target) for target in targets)
+    if arena_limit is not None and "mcu" not in targets:
+        raise ValueError("arena_limit applies to target 'mcu': pass targets=('mcu',).")
+    checks = tuple(
+        check_target(data, target, arena_limit=arena_limit if target == "mcu" else None)
+        for target in targets
+    )
     interpreter = make_interpreter(data, use_xnnpack=False)
     tensors = {d["index"]: _tensor_info(d) for d in interpreter.get_tensor_details()}
     ops = tuple(
