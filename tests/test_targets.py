@@ -189,3 +189,22 @@ def test_cli_inspect_checks_an_arena_limit(tmp_path, capsys):
     assert f"- arena: needs {needed} bytes, over the limit of {needed - 1}" in out
     with pytest.raises(ValueError, match="arena_limit applies to target 'mcu'"):
         qat_plugin.inspect_tflite(path, targets="cpu", arena_limit=100)
+
+
+def test_int16x8_concatenate_is_refused_before_training_with_a_way_out():
+    inputs = keras.Input((6, 6, 2))
+    a = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    b = keras.layers.Conv2D(4, 1)(inputs)
+    x = keras.layers.Concatenate(name="join")([a, b])
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+    with pytest.raises(qat_plugin.errors.UnsupportedLayerError,
+                       match=r"Layer 'join' concatenates 16-bit(.|\n)*recipe 'int8'(.|\n)*"
+                             r"mode='int16x8'"):
+        qat_plugin.quantize_model(model, "int16x8")
+    observed(qat_plugin.quantize_model(model, "int8"), (6, 6, 2))  # 8-bit converts
+    # The way out the message names: the converter's int16x8 PTQ converts it.
+    x = np.random.default_rng(0).random((8, 6, 6, 2), dtype=np.float32)
+    data = qat_plugin.export_tflite(model, mode="int16x8", representative_data=x,
+                                    calibration_steps=8)
+    assert "CONCATENATION" in read_graph(data).op_names
+    assert check_target(data, "mcu").compatible

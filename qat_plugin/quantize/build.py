@@ -27,7 +27,7 @@ from qat_plugin.layers import (
 )
 from qat_plugin.layers.activation import GATED_ACTIVATIONS
 from qat_plugin.layers.operation import argument_template
-from qat_plugin.quantize.plan import average_divisor, averages
+from qat_plugin.quantize.plan import average_divisor, averages, check_activation_bits
 from qat_plugin.quantize.weight_transforms import (
     composed,
     scaled_kernel,
@@ -55,6 +55,7 @@ class Builder:
         self.names = {node.name for node in self.graph.nodes}
 
     def build(self):
+        check_activation_bits(self.plan, self.scheme.activation_bits)
         new_inputs = []
         for graph_input in self.graph.inputs:
             t = graph_input.tensor

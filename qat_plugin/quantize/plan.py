@@ -16,6 +16,7 @@ import numpy as np
 from keras.src.ops import numpy as numpy_ops
 
 from qat_plugin import registry
+from qat_plugin.errors import UnsupportedLayerError
 from qat_plugin.layers.affine import is_constant
 from qat_plugin.quantize.fusion import find_fusions
 from qat_plugin.quantizers import RangeGroup
@@ -355,3 +356,29 @@ def plan_range_groups(graph, skip, fusions, aliases):
         for key in set(parent) | set(parent.values())
         if root(key) in groups
     }
+
+
+def check_activation_bits(plan, activation_bits):
+    """Refuses 16-bit activations for a Concatenate, before any training.
+
+    Its inputs share one 16-bit scale (`plan_range_groups`), yet the
+    TensorFlow 2.21 converter cannot lower a 16-bit fake-quant into
+    CONCATENATION ("'tfl.concatenation' op operand #0 must be ... QI8 ...,
+    but got ... i16"), even with the layer kept in float; MAXIMUM and
+    MINIMUM convert. The converter's own int16x8 PTQ does convert it.
+    """
+    if activation_bits != 16:
+        return
+    for node in plan.graph.nodes:
+        if not plan.is_float(node) and isinstance(
+            node.layer, (keras.layers.Concatenate, numpy_ops.Concatenate)
+        ):
+            raise UnsupportedLayerError(
+                f"Layer '{node.name}' concatenates 16-bit activations, which the "
+                "TFLite converter cannot export from a QAT model (its "
+                "CONCATENATION takes int8 fake-quant inputs only). Use 8-bit "
+                "activations (recipe 'int8' or 'int8-mcu'), or export the float "
+                "model with "
+                "export_tflite(model, mode='int16x8', representative_data=...), "
+                "whose calibration converts it."
+            )
