@@ -73,6 +73,22 @@ def test_builtin_recipes_promise_what_their_names_say():
         ("[export]\ntarget = \"mcu\"\n[quantization]\nactivation_bits = 16\n",
          ["mcu", "'activation_bits' must be 8"]),
         ("[quantization\n", ["not valid TOML"]),
+        # Finite numbers only, refused where they are read (inf used to
+        # pass and fail later with an OverflowError in prune()).
+        ("[pruning]\nend = inf\n", ["[pruning] 'end'", "a finite number", "got inf"]),
+        ("[pruning]\nbegin = nan\n", ["[pruning] 'begin'", "a finite number", "got nan"]),
+        ("[schedule]\nrange_freeze = inf\n", ["[schedule] 'range_freeze'", "finite", "got inf"]),
+        ("[schedule]\nquantize_start = -inf\n", ["'quantize_start'", "got -inf"]),
+        ("[quantization]\nema_decay = nan\n", ["'ema_decay'", "got nan"]),
+        ("[pruning]\npower = inf\n", ["'power'", "got inf"]),
+        ("[pruning]\nend = 1e300\n", ["'end'", "in [0.0, 2147483647]"]),
+        ("[pruning]\nfrequency = 99999999999999999999\n", ["'frequency'", "an integer in [1, "]),
+        ("[pruning]\nstructure = \"\u00b2:4\"\n", ["'structure'", "N:M"]),
+        ("[pruning]\nstructure = \"1:99999999\"\n", ["'structure'", "M <= 65536"]),
+        ("description = [[[[[[[[[[1]]]]]]]]]]\n", ["nests tables or arrays deeper than 8"]),
+        ("description = " + "[" * 5000 + "]" * 5000 + "\n", ["deeper than 8"]),
+        ("description = \"" + "x" * 2000 + "\"\n[export]\ntarget = \"" + "y" * 5000 + "\"\n",
+         ["'target' must be one of", "..."]),
     ],
 )
 def test_bad_files_name_the_file_the_key_and_the_allowed_values(tmp_path, text, expected):
@@ -83,6 +99,45 @@ def test_bad_files_name_the_file_the_key_and_the_allowed_values(tmp_path, text, 
     assert path in message or "'extends'" in message
     for part in expected:
         assert part in message, (part, message)
+
+
+def test_error_messages_stay_short_for_huge_values(tmp_path):
+    path = write(tmp_path, "[export]\ntarget = \"" + "y" * 100_000 + "\"\n")
+    with pytest.raises(RecipeError) as error:
+        recipes.load(path)
+    assert path in str(error.value) and len(str(error.value)) < 500
+
+
+def test_unreadable_files_are_recipe_errors_naming_the_file(tmp_path):
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('description = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(RecipeError, match=f"Recipe {latin} is not UTF-8 text "
+                                          r"\(byte 0xe9 at offset 18\); .*save it as UTF-8"):
+        recipes.load(latin)
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"# " + b"x" * (1 << 20) + b"\n")
+    with pytest.raises(RecipeError, match=f"Recipe {big} is larger than 1048576 bytes"):
+        recipes.load(big)
+    with pytest.raises(RecipeError, match=f"Recipe file {tmp_path} cannot be read"):
+        recipes.load(str(tmp_path) + os.sep)
+    with pytest.raises(RecipeError, match="does not exist"):
+        recipes.load(tmp_path / "missing.toml")
+    # UTF-8 text loads, and a file just under the limit is read in full.
+    good = tmp_path / "good.toml"
+    good.write_bytes('description = "caf\u00e9"\n'.encode() + b"#" * ((1 << 20) - 24) + b"\n")
+    assert recipes.load(good).description == "caf\u00e9"
+
+
+def test_non_finite_numbers_are_refused_in_python_too():
+    recipe = recipes.get("int8-pruned-50")
+    for value in (float("inf"), float("nan"), np.float64("inf")):
+        with pytest.raises(RecipeError, match="'end' must be a finite number"):
+            recipe.replace(pruning={"end": value})
+    # The largest point a recipe holds becomes a step that never comes.
+    late = recipe.replace(pruning={"begin": 2**31 - 1, "end": 2**31 - 1})
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    pruned = late.prune(model, steps_per_epoch=1000)
+    assert pruned.layers[0].schedule.begin_step == 2**31 - 2
 
 
 def test_unknown_names_suggest_the_closest():
@@ -295,9 +350,29 @@ def test_n_of_m_pruning_skips_layers_it_cannot_group():
         keras.layers.Conv2D(8, 3, name="body"), keras.layers.GlobalAveragePooling2D(),
         keras.layers.Dense(4, name="head"),
     ])
-    pruned = recipes.get("int8-sparse-2x4").prune(model, steps_per_epoch=4)
+    with pytest.warns(UserWarning, match="'stem'"):
+        pruned = recipes.get("int8-sparse-2x4").prune(model, steps_per_epoch=4)
     names = {layer.name for layer in pruned.layers if isinstance(layer, qat_plugin.PrunedLayer)}
     assert names == {"body", "head"}
+    assert list(pruned.pruning_skipped) == ["stem"]
+
+
+def test_a_pruning_recipe_on_an_unpruned_model_says_how_to_prune_first(tmp_path):
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    recipe = recipes.get("int8-pruned-50")
+    for given in ("int8-pruned-50", recipe):
+        with pytest.raises(RecipeError, match="has no pruned layers and quantize_model "
+                                              "does not prune"):
+            qat_plugin.quantize_model(model, recipe=given)
+    with pytest.raises(RecipeError, match="has no pruned layers"):
+        recipe.quantize(model)
+    path = write(tmp_path, 'extends = "int8-pruned-50"\n')
+    with pytest.raises(RecipeError, match=f"qat_plugin.recipes.load\\('{path}'\\)"):
+        qat_plugin.quantize_model(model, recipe=path)
+    # The recipe's own workflow, and a dense model with pruning turned off.
+    assert recipe.quantize(recipe.prune(model, steps_per_epoch=4)).built
+    dense = recipe.replace(pruning={"sparsity": 0.0})
+    assert not dense.pruning.enabled and qat_plugin.quantize_model(model, dense).built
 
 
 def test_resolve_gives_a_recipe_with_its_workflow_for_recipe_data():

@@ -11,8 +11,10 @@ lives in `recipe_files`; the workflow methods (`prune`, `quantize`, ...) in
 import dataclasses
 import difflib
 import math
+import reprlib
 
 from qat_plugin.config.constants import (
+    NEVER,
     NEVER_KEYWORD,
     TARGETS,
     UNITS,
@@ -161,15 +163,15 @@ EXPORT_TARGETS = TARGETS + ("any",)
 PRUNING_SCHEDULES = ("constant", "polynomial")
 
 
-def _number(minimum=0.0, maximum=math.inf, closed_max=True, integer=False):
+def _number(minimum=0.0, maximum=NEVER, closed_max=True, integer=False):
+    # Numbers are finite (`inf` and `nan` are refused where they are read)
+    # and at most NEVER, the step at which a schedule switch never happens.
     kinds = int if integer else (int, float)
     if closed_max:
         check, text = (lambda v: minimum <= v <= maximum), f"in [{minimum}, {maximum}]"
     else:
         check, text = (lambda v: minimum <= v < maximum), f"in [{minimum}, {maximum})"
-    if maximum == math.inf:
-        text = f">= {minimum}"
-    return kinds, check, ("an integer " if integer else "a number ") + text
+    return kinds, check, ("an integer " if integer else "a finite number ") + text
 
 
 def _one_of(values):
@@ -180,16 +182,20 @@ def _point():
     # A schedule point: a number of steps/epochs, or "never".
     return (
         (int, float, str),
-        lambda v: v == NEVER_KEYWORD if isinstance(v, str) else v >= 0,
-        f'a number >= 0 or "{NEVER_KEYWORD}"',
+        lambda v: v == NEVER_KEYWORD if isinstance(v, str) else 0 <= v <= NEVER,
+        f'a finite number in [0, {NEVER}] or "{NEVER_KEYWORD}"',
     )
+
+
+# N:M groups longer than this hold no kernel's channels.
+_MAX_GROUP = 1 << 16
 
 
 def _structure_ok(value):
     if value == UNSTRUCTURED:
         return True
     n, _, m = value.partition(":")
-    return n.isdigit() and m.isdigit() and 0 < int(n) < int(m)
+    return n.isdecimal() and m.isdecimal() and 0 < int(n) < int(m) <= _MAX_GROUP
 
 
 _SECTIONS = {
@@ -207,7 +213,7 @@ _SECTIONS = {
     }),
     "pruning": (Pruning, {
         "sparsity": _number(0.0, 1.0, closed_max=False),
-        "structure": (str, _structure_ok, '"unstructured" or "N:M" with 0 < N < M'),
+        "structure": (str, _structure_ok, f'"unstructured" or "N:M" with 0 < N < M <= {_MAX_GROUP}'),
         "schedule": _one_of(PRUNING_SCHEDULES),
         "unit": _one_of(UNITS),
         "begin": _number(),
@@ -266,10 +272,10 @@ def validate(values, fields, section, source):
         raise RecipeError(f"Recipe {where_file}: [{section}] must be a table.")
     for key, value in values.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise RecipeError(
-                f"Recipe {where_file}: unknown key '{key}' at {where}. "
+                f"Recipe {where_file}: unknown key {_shown(key)} at {where}. "
                 f"Allowed keys: {', '.join(sorted(fields))}.{hint}"
             )
         spec = fields[key]
@@ -280,8 +286,18 @@ def validate(values, fields, section, source):
         wrong_type = (isinstance(value, bool) and kind is not bool) or not isinstance(
             value, kind
         )
-        if wrong_type or not check(value):
+        not_finite = isinstance(value, float) and not math.isfinite(value)
+        if wrong_type or not_finite or not check(value):
             raise RecipeError(
                 f"Recipe {where_file}: {where} '{key}' must be {allowed}, "
-                f"got {value!r}."
+                f"got {_shown(value)}."
             )
+
+
+def _shown(value):
+    """`repr(value)`, cut short: a hostile file's value can be megabytes."""
+    return _SHORT_REPR.repr(value)
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60

@@ -3,7 +3,9 @@
 A recipe is a TOML file read with `tomllib`: loading one never executes
 code. Every key is checked against `recipe.validate`'s schema before the
 dataclasses are built, and every error names the file, the section, the
-key and what is allowed.
+key and what is allowed. A file must be UTF-8, at most `MAX_BYTES` long and
+nest at most `MAX_DEPTH` levels: a recipe is a few short sections, so
+anything larger is refused before it can take minutes or the stack.
 """
 
 import dataclasses
@@ -18,6 +20,11 @@ from qat_plugin.errors import RecipeError
 # The recipe files ship in the `qat_plugin.recipes` package; its folder is
 # found without importing it (it sits above the engine).
 BUILTIN_DIR = importlib.util.find_spec("qat_plugin.recipes").submodule_search_locations[0]
+
+# The built-in recipes are under 2 KiB and two levels deep (sections of
+# scalars); these limits leave ample room and refuse hostile files early.
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 8
 
 
 def names():
@@ -44,13 +51,7 @@ def load(path, cls=RecipeConfig, _seen=()):
     path = os.path.abspath(path)
     if path in _seen:
         raise RecipeError(f"Recipe {path}: 'extends' forms a cycle.")
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise RecipeError(f"Recipe file {path} does not exist.") from None
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"Recipe {path} is not valid TOML: {e}") from None
+    data = read_toml(path)
     validate(data, TOP_LEVEL, None, path)
     base = cls(name="")
     if "extends" in data:
@@ -61,6 +62,50 @@ def load(path, cls=RecipeConfig, _seen=()):
     name = os.path.basename(path)
     name = name[: -len(".toml")] if name.endswith(".toml") else name
     return merged(base, data, path, name=name)
+
+
+def read_toml(path):
+    """The TOML data of the file at `path`; every failure a `RecipeError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise RecipeError(f"Recipe file {path} does not exist.") from None
+    except (OSError, ValueError) as error:  # A folder, no permission, a NUL byte.
+        raise RecipeError(f"Recipe file {path} cannot be read: {error}.") from None
+    if len(raw) > MAX_BYTES:
+        raise RecipeError(
+            f"Recipe {path} is larger than {MAX_BYTES} bytes (1 MiB); a recipe "
+            "is a few short sections: is this the right file?"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(
+            f"Recipe {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at "
+            f"offset {error.start}); TOML files are UTF-8: save it as UTF-8."
+        ) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"Recipe {path} is not valid TOML: {error}") from None
+    except RecursionError:
+        data = None
+    if data is None or _depth(data) > MAX_DEPTH:
+        raise RecipeError(
+            f"Recipe {path} nests tables or arrays deeper than {MAX_DEPTH} "
+            "levels; a recipe holds sections of plain values."
+        )
+    return data
+
+
+def _depth(value, limit=MAX_DEPTH):
+    """How deep `value` nests (stops counting past `limit`)."""
+    children = value.values() if isinstance(value, dict) else (
+        value if isinstance(value, list) else ())
+    if limit < 0:
+        return 1
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
 
 
 def resolve(recipe, cls=RecipeConfig):
