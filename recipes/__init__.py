@@ -55,10 +55,10 @@ from qat_plugin.config.recipe import (
 )
 from qat_plugin.callbacks import PruningScheduler, QuantizationScheduler
 from qat_plugin.config import recipe_files
-from qat_plugin.config.constants import UNSTRUCTURED
+from qat_plugin.config.constants import NEVER, UNSTRUCTURED
 from qat_plugin.errors import RecipeError
 from qat_plugin.layers.base import is_quantized
-from qat_plugin.pruning import n_of_m_misfits, prune_model, pruned_layers
+from qat_plugin.pruning import prune_model, pruned_layers
 from qat_plugin.quantize import quantize_model
 from qat_plugin.sparsity import ConstantSparsity, PolynomialDecay
 from qat_plugin.tflite.convert import export_tflite
@@ -80,7 +80,7 @@ class Recipe(RecipeConfig):
 
     # -- the workflow ----------------------------------------------------
 
-    def prune(self, model, *, steps_per_epoch=None, skip=None):
+    def prune(self, model, *, steps_per_epoch=None, skip=()):
         """Returns `prune_model(model, ...)` per `[pruning]`, or `model` itself.
 
         Masks update every `frequency` steps from `begin` to `end`, then
@@ -88,17 +88,15 @@ class Recipe(RecipeConfig):
         Points in epochs need `steps_per_epoch` (the pruning fine-tuning's).
         Fine-tune the result with `self.callbacks(pruned)` for
         `self.pruning.epochs` epochs. `skip` names layers to keep dense;
-        by default (None) an N:M recipe skips the layers whose input
-        channels are not a multiple of M (a 1-channel image stem), which
-        N:M cannot prune, and prunes every other layer.
+        an N:M recipe also leaves dense, with a warning, the layers whose
+        input channels are not a multiple of M (a 1-channel image stem), as
+        `prune_model` does: the result's `pruning_skipped` lists them.
         """
         if not self.pruning.enabled:
             return model
         p = self.pruning
         begin, end = (self._steps(v, p.unit, steps_per_epoch, "pruning")
                       for v in (p.begin, p.end))
-        if skip is None:
-            skip = n_of_m_misfits(model, p.structure)
         if p.structure != UNSTRUCTURED:
             # The pattern fixes the sparsity; masks update until `end`.
             n, m = (int(v) for v in p.structure.split(":"))
@@ -157,14 +155,16 @@ class Recipe(RecipeConfig):
         return inspect_tflite(tflite, targets=targets)
 
     def _steps(self, value, unit, steps_per_epoch, section):
+        # A point this late never comes; one step before NEVER leaves room
+        # for a polynomial schedule's end one step after its begin.
         if unit == "step":
-            return int(value)
+            return min(int(value), NEVER - 1)
         if steps_per_epoch is None:
             raise RecipeError(
                 f"Recipe '{self.name}': [{section}] is in epochs; pass "
                 "steps_per_epoch= (the fine-tuning's steps per epoch)."
             )
-        return round(value * steps_per_epoch)
+        return min(round(value * steps_per_epoch), NEVER - 1)
 
 
 def names():

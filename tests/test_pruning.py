@@ -281,11 +281,12 @@ def test_prune_model_errors_name_the_layer_or_argument():
         qat_plugin.prune_model(cnn(), 1.0)
     with pytest.raises(ValueError, match="must be in \\[0, 1\\), got -0.5"):
         qat_plugin.prune_model(cnn(), -0.5)
+    six_channels = keras.Sequential([keras.Input((8, 8, 6)), L.Conv2D(4, 3, name="conv")])
     with pytest.raises(ValueError, match="Layer 'conv': 2:4 pruning .* input channels by 4, but it has 6"):
-        qat_plugin.prune_model(
-            keras.Sequential([keras.Input((8, 8, 6)), L.Conv2D(4, 3, name="conv")]),
-            structure="2:4",
-        )
+        qat_plugin.prune_model(six_channels, structure="2:4", per_layer={"conv": {}})
+    with pytest.warns(UserWarning), pytest.raises(
+            ValueError, match="no layer to prune.*'conv'.*but it has 6"):
+        qat_plugin.prune_model(six_channels, structure="2:4")
     with pytest.raises(ValueError, match="per_layer names layer 'pool' .*no kernel to prune"):
         qat_plugin.prune_model(cnn(), 0.5, per_layer={"pool": {"sparsity": 0.5}})
     with pytest.raises(ValueError, match="Layer 'relu' \\(ReLU\\) has no kernel to prune"):
@@ -298,6 +299,73 @@ def test_prune_model_errors_name_the_layer_or_argument():
         qat_plugin.prune_model(cnn())
     with pytest.raises(ValueError, match="Layer 'head': structure must be"):
         qat_plugin.prune_model(cnn(), 0.5, per_layer={"head": {"structure": "4:2"}})
+
+
+def image_net(channels):
+    """An image model whose stem sees `channels` channels (1: grey, 3: RGB)."""
+    return keras.Sequential([
+        keras.Input((8, 8, channels)),
+        L.Conv2D(8, 3, name="stem"),
+        L.DepthwiseConv2D(3, name="depthwise"),  # 8 channels: fits 2:4
+        L.GlobalAveragePooling2D(name="pool"),
+        L.Dense(6, name="hidden"),
+        L.Dense(4, name="head"),  # 6 input channels: cannot hold 2:4
+    ], name=f"net{channels}")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_whole_model_2_4_skips_and_reports_the_layers_that_cannot_hold_it(channels):
+    with pytest.warns(UserWarning, match="left 2 layer.*'stem'.*'head'") as caught:
+        pruned = qat_plugin.prune_model(image_net(channels), structure="2:4")
+    assert len(caught) == 1
+    assert dict(pruned.pruning_skipped) == {
+        "stem": f"2:4 pruning groups the kernel's input channels by 4, but it has {channels}",
+        "head": "2:4 pruning groups the kernel's input channels by 4, but it has 6",
+    }
+    assert {l.name for l in pruned_layers(pruned)} == {"depthwise", "hidden"}
+    x, y = images(32, (8, 8, channels))
+    compile_fit(pruned, x, y)
+    for layer in pruned_layers(pruned):
+        for kernel, mask in zip(kernels_of(layer), masks_of(layer)):
+            assert holds_n_of_m(np.moveaxis(kernel * mask, -2, -1), 2, 4)
+    # The skipped layers stay plain and dense; the model quantizes and exports.
+    assert type(pruned.get_layer("stem")) is L.Conv2D
+    qat = qat_plugin.quantize_model(pruned)
+    qat_plugin.calibrate(qat, x)
+    report = qat_plugin.inspect_tflite(qat_plugin.export_tflite(qat))
+    assert report.is_fully_int8
+
+
+def test_whole_model_pruning_reports_nothing_when_every_layer_fits(recwarn):
+    pruned = qat_plugin.prune_model(cnn(), structure="2:4")
+    assert dict(pruned.pruning_skipped) == {}
+    assert not [w for w in recwarn if "prune_model" in str(w.message)]
+    unstructured = qat_plugin.prune_model(image_net(3), 0.5)
+    assert dict(unstructured.pruning_skipped) == {}
+    assert len(pruned_layers(unstructured)) == 4
+
+
+def test_a_named_layer_that_cannot_hold_2_4_raises_and_can_be_pruned_otherwise():
+    with pytest.raises(ValueError, match="Layer 'stem': 2:4 pruning .* but it has 3. Prune it unstructured"):
+        qat_plugin.prune_model(image_net(3), structure="2:4", per_layer={"stem": {}})
+    with pytest.warns(UserWarning, match="'head'"):
+        pruned = qat_plugin.prune_model(
+            image_net(3), structure="2:4",
+            per_layer={"stem": {"structure": "unstructured", "sparsity": 0.5}})
+    assert dict(pruned.pruning_skipped).keys() == {"head"}
+    assert pruned.get_layer("stem").structure == "unstructured"
+
+
+def test_quantize_model_refuses_a_pruning_recipe_for_an_unpruned_model():
+    model = cnn()
+    for name in ("int8-pruned-50", "int8-sparse-2x4"):
+        with pytest.raises(qat_plugin.RecipeError,
+                           match=f"Recipe '{name}' prunes .* model 'cnn' has no pruned layers.*"
+                                 f"qat_plugin.recipes.get\('{name}'\).*recipe.prune\(model"):
+            qat_plugin.quantize_model(model, recipe=name)
+    pruned = qat_plugin.prune_model(model, 0.5)
+    qat = qat_plugin.quantize_model(pruned, recipe="int8-pruned-50")
+    assert len(pruned_layers(qat)) == len(pruned_layers(pruned))
 
 
 # -- QAT, export, save/load -------------------------------------------------

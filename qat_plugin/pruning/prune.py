@@ -1,5 +1,7 @@
 """`prune_model` and `strip_pruning`: magnitude and N:M pruning of a Keras 3 model."""
 
+import warnings
+
 import keras
 from keras.src.saving import serialization_lib
 
@@ -39,8 +41,12 @@ def prune_model(model, sparsity=None, *, structure=UNSTRUCTURED, schedule=None,
             shorthand for `schedule=ConstantSparsity(sparsity)`.
         structure: `"unstructured"`, or `"N:M"`: N zeros in every M
             consecutive weights along the input channels (`"2:4"`: the
-            pattern of sparse tensor cores); the input channels must be a
-            multiple of M. N:M fixes the sparsity at N/M.
+            pattern of sparse tensor cores). N:M fixes the sparsity at N/M
+            and needs input channels that are a multiple of M: over the
+            whole model, the layers that cannot hold the pattern (a 1- or
+            3-channel image stem) are left dense with a warning and listed
+            in the result's `pruning_skipped`, as NVIDIA's ASP does; a layer
+            named in `per_layer` that cannot hold it raises.
         schedule: a `ConstantSparsity` or `PolynomialDecay` (its steps count
             each layer's training calls). Default: `ConstantSparsity` of the
             sparsity, masks computed at the first step and every 100 after.
@@ -51,7 +57,9 @@ def prune_model(model, sparsity=None, *, structure=UNSTRUCTURED, schedule=None,
             layer here prunes it.
 
     Returns:
-        A new `keras.Model` of the same kind.
+        A new `keras.Model` of the same kind. Its `pruning_skipped` is a dict
+        `{layer name: why}` of the prunable layers left dense because their
+        shapes cannot hold the N:M pattern (empty when none were).
 
     Examples:
         >>> import keras, numpy as np, qat_plugin
@@ -63,6 +71,17 @@ def prune_model(model, sparsity=None, *, structure=UNSTRUCTURED, schedule=None,
         >>> _ = pruned.fit(np.ones((4, 8)), np.ones((4, 2)), verbose=0)
         >>> pruned.get_layer("hidden").sparsity()
         0.5
+
+        Whole-model 2:4 leaves a 3-channel stem dense and says so:
+
+        >>> import warnings
+        >>> cnn = keras.Sequential([keras.Input((8, 8, 3)),
+        ...     keras.layers.Conv2D(8, 3, name="stem"),
+        ...     keras.layers.Conv2D(8, 1, name="pointwise")])
+        >>> with warnings.catch_warnings(record=True):
+        ...     sparse = qat_plugin.prune_model(cnn, structure="2:4")
+        >>> dict(sparse.pruning_skipped)
+        {'stem': "2:4 pruning groups the kernel's input channels by 4, but it has 3"}
     """
     graph = LayerGraph.from_model(model)
     layers = {node.name: node.layer for node in graph.nodes}
@@ -90,16 +109,35 @@ def prune_model(model, sparsity=None, *, structure=UNSTRUCTURED, schedule=None,
                 f"prune: prunable classes are {linear_class_names()}."
             )
     defaults = {"sparsity": sparsity, "structure": structure, "schedule": schedule}
-    plans = {}
+    plans, skipped = {}, {}
     for name, layer in layers.items():
         if name in skip or linear_op_for(layer) is None:
             continue
         options = {**defaults, **per_layer.get(name, {})}
         plans[name] = _plan(name, **options)
+        misfit = _n_of_m_misfit(layer, plans[name][1])
+        if misfit and name in per_layer:
+            raise ValueError(
+                f"Layer '{name}': {misfit}. Prune it unstructured (per_layer="
+                f"{{'{name}': {{'structure': 'unstructured', 'sparsity': 0.5}}}}) "
+                f"or keep it dense (skip=['{name}'])."
+            )
+        if misfit:
+            skipped[name] = misfit
+            del plans[name]
+    if skipped:
+        warnings.warn(
+            f"prune_model: left {len(skipped)} layer(s) of model '{model.name}' "
+            f"dense, as their shapes cannot hold the pattern: {skipped}. "
+            "The pruned model lists them in `pruning_skipped`; name a layer in "
+            "per_layer to prune it another way.",
+            stacklevel=2,
+        )
     if not plans:
+        cannot = f"; left dense as their shapes cannot hold N:M: {skipped}" if skipped else ""
         raise ValueError(
             f"Model '{model.name}' has no layer to prune: prunable classes "
-            f"are {linear_class_names()}, minus skip={sorted(skip)}."
+            f"are {linear_class_names()}, minus skip={sorted(skip)}{cannot}."
         )
     copies = []
 
@@ -117,6 +155,7 @@ def prune_model(model, sparsity=None, *, structure=UNSTRUCTURED, schedule=None,
         )
     for original, copy in copies:
         copy.set_weights(original.get_weights())
+    pruned.pruning_skipped = skipped
     return pruned
 
 
@@ -149,32 +188,21 @@ def _plan(name, sparsity, structure, schedule):
     return schedule, pattern
 
 
-def n_of_m_misfits(model, structure):
-    """Names of the layers whose kernels' input channels N:M cannot group.
+def _n_of_m_misfit(layer, pattern):
+    """Why `layer`'s kernels cannot hold the N:M `pattern`, or None if they can.
 
-    N:M pruning groups M consecutive input channels: a kernel with a
-    channel count that is not a multiple of M (a 1- or 3-channel image
-    stem) cannot hold the pattern.
-
-    Examples:
-        >>> import keras
-        >>> model = keras.Sequential([keras.Input((8, 8, 3)),
-        ...     keras.layers.Conv2D(8, 3, name="stem"),
-        ...     keras.layers.Conv2D(8, 1, name="pointwise")])
-        >>> n_of_m_misfits(model, "2:4")
-        ['stem']
+    N:M groups M consecutive input channels: a channel count that is not a
+    multiple of M (a 1- or 3-channel image stem) cannot hold the pattern.
     """
-    if structure == UNSTRUCTURED:
-        return []
-    m = int(structure.split(":")[1])
-    misfits = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        op = linear_op_for(layer)
-        if op is not None and any(
-            getattr(layer, name).shape[INPUT_CHANNEL_AXIS] % m for name in op.kernel_names
-        ):
-            misfits.append(layer.name)
-    return misfits
+    if pattern is None:
+        return None
+    n, m = pattern
+    for name in linear_op_for(layer).kernel_names:
+        channels = getattr(layer, name).shape[INPUT_CHANNEL_AXIS]
+        if channels % m:
+            return (f"{n}:{m} pruning groups the {name}'s input channels by {m}, "
+                    f"but it has {channels}")
+    return None
 
 
 def pruned_layers(model):

@@ -4,8 +4,10 @@ import keras
 
 from qat_plugin import registry
 from qat_plugin.config import resolve
-from qat_plugin.errors import UnsupportedLayerError, UnsupportedModelError
+from qat_plugin.config.recipe_files import BUILTIN_DIR
+from qat_plugin.errors import RecipeError, UnsupportedLayerError, UnsupportedModelError
 from qat_plugin.layers.base import QuantizedLayer
+from qat_plugin.layers.pruned import PrunedLayer
 from qat_plugin.quantize.build import Builder
 from qat_plugin.quantize.graph import LayerGraph
 from qat_plugin.quantize.plan import make_plan
@@ -35,7 +37,10 @@ def quantize_model(model, recipe="int8", *, skip=()):
         model: a Keras 3 Sequential or Functional model (nested models,
             shared layers and several inputs/outputs are fine).
         recipe: a built-in recipe name (see `qat_plugin.recipes.names()`),
-            a path to a recipe TOML file, or a `Recipe`.
+            a path to a recipe TOML file, or a `Recipe`. A recipe with a
+            `[pruning]` section needs a model pruned by its `prune` (or by
+            `prune_model`): `quantize_model` does not prune, and refuses
+            an unpruned model rather than ignore the section.
         skip: names of layers (or one name) to keep out of QAT (no fake-quant, no
             fusion). The export holds a float island with QUANTIZE /
             DEQUANTIZE around it wherever a skipped layer's output feeds
@@ -61,20 +66,45 @@ def quantize_model(model, recipe="int8", *, skip=()):
         >>> [type(layer).__name__ for layer in qat.layers][1:]
         ['FakeQuant', 'QuantizedLinear', 'QuantizeOutputWrapper', 'QuantizedLinear']
     """
-    scheme = resolve(recipe).quantization
+    config = resolve(recipe)
     graph = LayerGraph.from_model(model)
     _check_float(model, graph)
+    _check_pruned(model, graph, config)
     # One name is a name, not a sequence of one-letter names.
-    skip = {skip} if isinstance(skip, str) else set(skip)
+    try:
+        skip = {skip} if isinstance(skip, str) else set(skip)
+    except TypeError:  # Not iterable, or unhashable items.
+        raise TypeError(
+            f"skip must be a layer name or a list of layer names, got {skip!r}."
+        ) from None
     known = {node.name for node in graph.nodes}
-    unknown = sorted(skip - known)
+    unknown = sorted(skip - known, key=repr)
     if unknown:
         raise ValueError(
             f"skip names layers that are not in model '{model.name}': "
             f"{unknown}. Layer names: {sorted(known)}."
         )
     _check_registered(graph, skip)
-    return Builder(make_plan(graph, skip), scheme).build()
+    return Builder(make_plan(graph, skip), config.quantization).build()
+
+
+def _check_pruned(model, graph, config):
+    """Refuses a pruning recipe for a model with no pruned layers."""
+    if not config.pruning.enabled or any(
+        isinstance(node.layer, PrunedLayer) for node in graph.nodes
+    ):
+        return
+    recipe = (f"qat_plugin.recipes.get('{config.name}')" if config.source.startswith(BUILTIN_DIR)
+              else f"qat_plugin.recipes.load('{config.source}')" if config.source
+              else "recipe")
+    raise RecipeError(
+        f"Recipe '{config.name}' prunes ([pruning] section), but model "
+        f"'{model.name}' has no pruned layers and quantize_model does not "
+        f"prune. Prune it first: `recipe = {recipe}`, `pruned = "
+        "recipe.prune(model, steps_per_epoch=...)`, fine-tune `pruned` with "
+        "`recipe.callbacks(pruned)`, then `recipe.quantize(pruned)` (or use "
+        "qat_plugin.prune_model). For a dense QAT model use recipe 'int8'."
+    )
 
 
 def _check_float(model, graph):
