@@ -41,3 +41,7 @@ class TensorFlowProcessError(QATError, RuntimeError):
 
 class UnwritablePathError(QATError, PermissionError):
     """A file cannot be written where it was asked for."""
+
+
+class ModelFileError(QATError, ValueError):
+    """A model file (or bytes) is not what it claims: empty, corrupt or another format."""

@@ -9,7 +9,7 @@ import numpy as np
 from qat_plugin.config.constants import TARGETS
 from qat_plugin.sparsity import holds_n_of_m
 from qat_plugin.tflite.flatbuffer import WEIGHT_OPS, Flatbuffer
-from qat_plugin.tflite.interpreter import load_model_bytes, make_interpreter
+from qat_plugin.tflite.interpreter import load_model_bytes, make_interpreter, model_source
 from qat_plugin.tflite.targets import check_target
 
 # Ops that only convert between float and integer tensors.
@@ -242,7 +242,9 @@ def inspect_tflite(model, targets=(), arena_limit=None):
     """Reports a .tflite model's ops, tensor types and quantization.
 
     Args:
-        model: .tflite bytes or a path to a .tflite file.
+        model: .tflite bytes or a path to a .tflite file; an empty, truncated
+            or non-TFLite one is a `qat_plugin.errors.ModelFileError` naming
+            the file (or "the bytes given").
         targets: deployment targets to check, among `"cpu"`, `"gpu"` and
             `"mcu"` (or `"all"`): `report.target(name)` then says whether
             the model meets each, which ops stand in the way, which ops
@@ -263,16 +265,17 @@ def inspect_tflite(model, targets=(), arena_limit=None):
         >>> dict(report.op_counts), [op.name for op in report.float_ops]
         ({'FULLY_CONNECTED': 1}, ['FULLY_CONNECTED'])
     """
-    data = load_model_bytes(model)
     if isinstance(targets, str):
         targets = TARGETS if targets == "all" else (targets,)
     if arena_limit is not None and "mcu" not in targets:
         raise ValueError("arena_limit applies to target 'mcu': pass targets=('mcu',).")
+    data = load_model_bytes(model)
+    # Read by LiteRT first: a file it cannot read fails naming the file.
+    interpreter = make_interpreter(data, use_xnnpack=False, source=model_source(model))
     checks = tuple(
         check_target(data, target, arena_limit=arena_limit if target == "mcu" else None)
         for target in targets
     )
-    interpreter = make_interpreter(data, use_xnnpack=False)
     tensors = {d["index"]: _tensor_info(d) for d in interpreter.get_tensor_details()}
     ops = tuple(
         OpInfo(

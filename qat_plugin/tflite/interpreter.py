@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 
+from qat_plugin.errors import ModelFileError
+
 
 def _interpreter_module():
     from ai_edge_litert import interpreter
@@ -11,60 +13,146 @@ def _interpreter_module():
     return interpreter
 
 
-def load_model_bytes(model):
-    """Returns .tflite bytes from bytes or a path.
+# A TFLite flatbuffer's file identifier, at bytes 4 to 8 (after the root offset).
+TFLITE_IDENTIFIER = b"TFL3"
+# How an error names a model given as bytes.
+GIVEN_BYTES = "the bytes given"
+
+
+def model_source(model):
+    """How errors name `model`: its path, or "the bytes given" for bytes.
 
     Examples:
+        >>> from qat_plugin.tflite.interpreter import model_source
+        >>> model_source("out/model.tflite"), model_source(b"TFL3")
+        ("'out/model.tflite'", 'the bytes given')
+    """
+    if isinstance(model, (str, os.PathLike)):
+        return repr(os.fspath(model))
+    return GIVEN_BYTES
+
+
+def check_model_bytes(data, source=GIVEN_BYTES):
+    """Raises `ModelFileError` unless `data` starts like a .tflite flatbuffer.
+
+    A .tflite file is a flatbuffer whose bytes 4 to 8 are the identifier
+    `TFL3`; an empty file, or one of another format, fails here with its
+    `source` named, before LiteRT's own messages (which name no file).
+
+    Examples:
+        >>> from qat_plugin.tflite.interpreter import check_model_bytes
+        >>> check_model_bytes(b"PK.. a zip archive", "'model.tflite'")
+        Traceback (most recent call last):
+        ...
+        qat_plugin.errors.ModelFileError: No .tflite model in 'model.tflite': its 18 bytes start ...
+    """
+    expected = (
+        "expected a TFLite flatbuffer (the TFLite file identifier b'TFL3' at "
+        "bytes 4 to 8), as export_tflite or the TFLite converter writes it"
+    )
+    if not data:
+        raise ModelFileError(
+            f"No .tflite model in {source}: it is empty (0 bytes); {expected}."
+        )
+    if bytes(data[4:8]) != TFLITE_IDENTIFIER:
+        raise ModelFileError(
+            f"No .tflite model in {source}: its {len(data)} bytes start "
+            f"{bytes(data[:8])!r}; {expected}."
+        )
+
+
+def load_model_bytes(model):
+    """Returns .tflite bytes from bytes or a path, checked to be a TFLite flatbuffer.
+
+    Raises:
+        FileNotFoundError: no file at the path.
+        ModelFileError: the file or bytes are empty or not a TFLite
+            flatbuffer (see `check_model_bytes`).
+
+    Examples:
+        >>> import keras, qat_plugin
         >>> from qat_plugin.tflite.interpreter import load_model_bytes
-        >>> load_model_bytes(bytearray(b"TFL3"))
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> load_model_bytes(bytearray(qat_plugin.export_tflite(model, mode="float")))[4:8]
         b'TFL3'
         >>> load_model_bytes("missing.tflite")
         Traceback (most recent call last):
         ...
         FileNotFoundError: No .tflite file at missing.tflite.
+        >>> load_model_bytes(b"")
+        Traceback (most recent call last):
+        ...
+        qat_plugin.errors.ModelFileError: No .tflite model in the bytes given: it is empty ...
     """
-    if isinstance(model, (bytes, bytearray)):
-        return bytes(model)
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        data = bytes(model)
+    elif isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if not os.path.exists(path):
             raise FileNotFoundError(f"No .tflite file at {path}.")
+        if os.path.isdir(path):
+            raise ModelFileError(
+                f"{path!r} is a folder: give the path of a .tflite file."
+            )
         with open(path, "rb") as f:
-            return f.read()
-    raise TypeError(
-        f"Expected .tflite bytes or a path to a .tflite file, got {type(model).__name__}."
-    )
+            data = f.read()
+    else:
+        raise TypeError(
+            f"Expected .tflite bytes or a path to a .tflite file, got {type(model).__name__}."
+        )
+    check_model_bytes(data, model_source(model))
+    return data
 
 
 def make_interpreter(model, num_threads=None, use_xnnpack=True,
-                     preserve_all_tensors=False):
+                     preserve_all_tensors=False, *, source=None):
     """Returns a LiteRT `Interpreter` for `model` (bytes or path).
 
     With `use_xnnpack=False` the default XNNPACK delegate is left out, so
     that the op list shows the model's own ops instead of one DELEGATE node.
     With `preserve_all_tensors=True` intermediate tensors stay readable after
-    `invoke()` (for layer-wise error reports; costs memory).
+    `invoke()` (for layer-wise error reports; costs memory). A file LiteRT
+    cannot read (empty, truncated, not a flatbuffer) is a `ModelFileError`
+    naming `source` (default: the path, or "the bytes given").
 
     Examples:
         >>> import keras, qat_plugin
         >>> from qat_plugin.tflite.interpreter import make_interpreter
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> interpreter = make_interpreter(qat_plugin.export_tflite(model, mode="float"))
-        >>> interpreter.get_input_details()[0]["shape"].tolist()
+        >>> data = qat_plugin.export_tflite(model, mode="float")
+        >>> make_interpreter(data).get_input_details()[0]["shape"].tolist()
         [1, 4]
+        >>> make_interpreter(data[: len(data) // 2])
+        Traceback (most recent call last):
+        ...
+        qat_plugin.errors.ModelFileError: LiteRT cannot read the bytes given ...
     """
     interpreter = _interpreter_module()
+    source = source or model_source(model)
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        data = bytes(model)
+        check_model_bytes(data, source)
+    else:
+        data = load_model_bytes(model)
     resolver = (
         interpreter.OpResolverType.AUTO
         if use_xnnpack
         else interpreter.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     )
-    return interpreter.Interpreter(
-        model_content=load_model_bytes(model),
-        num_threads=num_threads,
-        experimental_op_resolver_type=resolver,
-        experimental_preserve_all_tensors=preserve_all_tensors,
-    )
+    try:
+        return interpreter.Interpreter(
+            model_content=data,
+            num_threads=num_threads,
+            experimental_op_resolver_type=resolver,
+            experimental_preserve_all_tensors=preserve_all_tensors,
+        )
+    except ValueError as error:
+        raise ModelFileError(
+            f"LiteRT cannot read {source} ({len(data)} bytes) as a .tflite "
+            f"model: {error}. Expected a complete TFLite flatbuffer as "
+            "export_tflite writes it; a truncated or corrupt file must be "
+            "exported again."
+        ) from error
 
 
 def quantize_array(x, detail):
