@@ -22,6 +22,30 @@ DATA_HELP = (
 )
 
 
+def positive_int(text):
+    """Parses a command-line count that must be a whole number of 1 or more.
+
+    argparse names the flag in its message: `argument --latency-runs: ...`.
+
+    Examples:
+        >>> positive_int("3")
+        3
+        >>> positive_int("0")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be 1 or more, got 0.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of 1 or more, got {text!r}."
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}.")
+    return value
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="qat-plugin",
@@ -52,10 +76,12 @@ def _parser():
     compare.add_argument("--output", help="folder for comparison.md/.json/.png and the .tflite files")
     compare.add_argument("--layerwise", action="store_true",
                          help="also print the layer-wise error of each int8 candidate")
-    compare.add_argument("--threads", type=int, default=1, help="interpreter threads (default: 1)")
-    compare.add_argument("--latency-runs", type=int, default=100,
-                         help="timed single-sample invokes (default: 100)")
-    compare.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
+    compare.add_argument("--threads", type=positive_int, default=1,
+                         help="interpreter threads (default: 1)")
+    compare.add_argument("--latency-runs", type=positive_int, default=100,
+                         help="timed single-sample invokes, 1 or more (default: 100)")
+    compare.add_argument("--max-samples", type=positive_int,
+                         help="evaluate only the first N samples (N >= 1; default: all)")
     compare.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
 
     inspect = commands.add_parser("inspect", help="print a .tflite model's ops and types")
@@ -64,7 +90,7 @@ def _parser():
                          help="print op counts and float ops as JSON")
     inspect.add_argument("--target", action="append", choices=("cpu", "gpu", "mcu"),
                          help="check a deployment target (repeatable)")
-    inspect.add_argument("--arena", type=int, metavar="BYTES",
+    inspect.add_argument("--arena", type=positive_int, metavar="BYTES",
                          help="the tensor arena of the microcontroller: checks target mcu "
                               "against it (exit status 1 when the model needs more)")
 
@@ -84,10 +110,10 @@ def _parser():
                       help="QAT recipe: a built-in name or a TOML file (default: %(default)s)")
     demo.add_argument("--epochs", type=int, default=2, help="float epochs (default: %(default)s)")
     demo.add_argument("--qat-epochs", type=int, default=1, help="QAT epochs (default: %(default)s)")
-    demo.add_argument("--train-samples", type=int,
+    demo.add_argument("--train-samples", type=positive_int,
                       help="use only N training images (quick try; too few steps "
                       "leave BatchNorm unsettled)")
-    demo.add_argument("--eval-samples", type=int, help="evaluate on N test images")
+    demo.add_argument("--eval-samples", type=positive_int, help="evaluate on N test images")
     demo.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -101,6 +127,60 @@ def _load_npz(path, argument):
         return {"x": np.load(path, allow_pickle=False)}
     with np.load(path, allow_pickle=False) as arrays:
         return dict(arrays)
+
+
+def load_keras_model(path, argument):
+    """Loads the .keras model at `path`, given as `argument`, or says why not.
+
+    A missing file is a `FileNotFoundError`; a file that is not a .keras
+    (zip) archive, or an archive without a model in it, is a
+    `ModelFileError` naming `argument` and the file, not Keras'
+    "File not found".
+
+    Examples:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "broken.keras")
+        >>> with open(path, "wb") as f:
+        ...     _ = f.write(b"not a zip archive")
+        >>> load_keras_model(path, "--qat")
+        Traceback (most recent call last):
+        ...
+        qat_plugin.errors.ModelFileError: --qat '...broken.keras' is not a valid .keras file: ...
+    """
+    import zipfile
+
+    import keras
+
+    from qat_plugin.errors import ModelFileError
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{argument}: no file at {path}.")
+    if os.path.isdir(path):
+        raise ModelFileError(
+            f"{argument} {path!r} is a folder: give a .keras file written by "
+            "model.save('model.keras')."
+        )
+    again = "save the model again with model.save('model.keras')"
+    if path.endswith(".keras"):
+        if not zipfile.is_zipfile(path):
+            raise ModelFileError(
+                f"{argument} {path!r} is not a valid .keras file: a .keras model "
+                f"is a zip archive, and these {os.path.getsize(path)} bytes are "
+                f"not one (truncated, or another format); {again}."
+            )
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" not in archive.namelist():
+                raise ModelFileError(
+                    f"{argument} {path!r} is a zip archive but not a .keras "
+                    f"model: it has no config.json; {again}."
+                )
+    try:
+        return keras.saving.load_model(path)
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as error:
+        raise ModelFileError(
+            f"{argument} {path!r} cannot be loaded as a Keras model "
+            f"({type(error).__name__}: {error}); give a .keras file, or {again}."
+        ) from error
 
 
 def _inputs_from(arrays, model, path, prefix="x"):
@@ -149,13 +229,11 @@ def _compare_data(args, model):
 
 
 def _compare(args):
-    import keras
-
     import qat_plugin
     from qat_plugin.analysis.layerwise import layerwise_error
 
-    model = keras.saving.load_model(args.model)
-    qat_model = keras.saving.load_model(args.qat) if args.qat else None
+    model = load_keras_model(args.model, "model")
+    qat_model = load_keras_model(args.qat, "--qat") if args.qat else None
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     eval_data, calibration = _compare_data(args, model)
     report = qat_plugin.analysis.compare(
@@ -271,7 +349,7 @@ def main(argv=None):
         >>> main(["inspect", "/nonexistent.tflite"])  # the error goes to stderr
         1
     """
-    from qat_plugin.errors import ExportError
+    from qat_plugin.errors import ExportError, QATError
 
     args = _parser().parse_args(argv)
     _quiet_converter_logs()
@@ -279,7 +357,7 @@ def main(argv=None):
                 "demo": _demo}
     try:
         return handlers[args.command](args)
-    except (ValueError, ExportError, OSError) as e:
+    except (QATError, ValueError, ExportError, OSError) as e:
         print(f"qat-plugin: error: {e}", file=sys.stderr)
         return 1
 

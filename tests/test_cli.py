@@ -97,3 +97,58 @@ def test_demo_runs_end_to_end_on_a_small_subset(tmp_path, capsys):
     assert qat_plugin.inspect_tflite(str(out / "qat-int8.tflite")).is_fully_int8
     for name in ("comparison.md", "comparison.png", "layerwise.md", "float.keras", "qat.keras"):
         assert (out / name).exists(), name
+
+
+@pytest.mark.parametrize("flag", ["--latency-runs", "--max-samples", "--threads"])
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_compare_counts_must_be_positive_naming_the_flag(saved, capsys, flag, value):
+    folder, *_ = saved
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(folder / "float.keras"), "--data", str(folder / "eval.npz"),
+              flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err
+    assert ("must be 1 or more" if value != "two" else "expected a whole number") in err
+
+
+def test_inspect_arena_must_be_positive(saved, capsys):
+    folder, *_ = saved
+    with pytest.raises(SystemExit):
+        main(["inspect", str(folder / "int8.tflite"), "--arena", "0"])
+    assert "argument --arena: must be 1 or more, got 0." in capsys.readouterr().err
+
+
+def test_max_samples_evaluates_only_the_first_samples(saved, capsys):
+    folder, *_ = saved
+    status = main(["compare", str(folder / "float.keras"), "--data", str(folder / "eval.npz"),
+                   "--modes", "float", "--latency-runs", "1", "--max-samples", "5", "--json"])
+    assert status == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 5
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a zip archive"], ids=["empty", "garbage"])
+@pytest.mark.parametrize("flag", ["model", "--qat"])
+def test_compare_names_a_corrupt_keras_file(saved, capsys, tmp_path, content, flag):
+    folder, *_ = saved
+    bad = tmp_path / "corrupt.keras"
+    bad.write_bytes(content)
+    model = str(bad) if flag == "model" else str(folder / "float.keras")
+    extra = ["--qat", str(bad)] if flag == "--qat" else []
+    status = main(["compare", model, "--data", str(folder / "eval.npz"), *extra])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert f"qat-plugin: error: {flag} '{bad}' is not a valid .keras file" in err
+    assert "zip archive" in err and "File not found" not in err
+
+
+def test_compare_names_a_zip_that_holds_no_keras_model(saved, capsys, tmp_path):
+    import zipfile
+
+    folder, *_ = saved
+    bad = tmp_path / "other.keras"
+    with zipfile.ZipFile(bad, "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    assert main(["compare", str(bad), "--data", str(folder / "eval.npz")]) == 1
+    assert f"model '{bad}' is a zip archive but not a .keras model: it has no config.json" \
+        in capsys.readouterr().err
