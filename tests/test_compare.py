@@ -176,3 +176,97 @@ def test_ptq_local_error_from_the_quantization_debugger(trained):
     assert {"relu", "pool", "logits"} <= set(by_layer)
     for row in by_layer.values():
         assert row["scale"] > 0 and 0 <= row["rmse_in_steps"] < 2
+
+
+def binary_data(n=200, seed=5):
+    """Inputs away from 0 and the label `x > 0`: a Dense(1) with weight 4 is exactly right."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.1, 1.0, (n, 1)).astype("float32") * rng.choice([-1.0, 1.0], (n, 1))
+    return x.astype("float32"), (x[:, 0] > 0).astype("int64")
+
+
+def binary_model(activation):
+    model = keras.Sequential(
+        [keras.Input((1,)), L.Dense(1, activation=activation, name="score")],
+        name=f"binary_{activation or 'logits'}",
+    )
+    model.layers[0].set_weights([np.full((1, 1), 4.0, "float32"), np.zeros(1, "float32")])
+    return model
+
+
+@pytest.mark.parametrize("activation", [None, "sigmoid"], ids=["logits", "probabilities"])
+def test_an_exactly_right_binary_classifier_scores_1_in_float_and_int8(activation):
+    x, y = binary_data()
+    model = binary_model(activation)
+    report = qat_plugin.analysis.compare(
+        model, eval_data=(x, y), representative_data=x, modes=("float", "int8"),
+        warmup_runs=0, latency_runs=1,
+    )
+    assert report["ptq-int8"].fully_int8
+    for row in report.rows:
+        assert row.metric == 1.0, row.name
+        assert row.agreement == 1.0, row.name
+    # The int8 file's dequantized outputs are on the model's scale: logits or probabilities.
+    outputs = qat_plugin.TFLiteModel(report["ptq-int8"].tflite).predict(x)
+    threshold = 0.0 if activation is None else 0.5
+    assert np.array_equal((outputs[:, 0] > threshold).astype("int64"), y)
+
+
+def test_from_logits_overrides_the_final_activation_and_is_asked_for_when_unclear():
+    x, y = binary_data()
+    logits = binary_model(None)
+    # Read as probabilities, logits in (0, 0.5] fall on the wrong side.
+    as_probabilities = qat_plugin.analysis.compare(
+        logits, eval_data=(x, y), modes=("float",), from_logits=False,
+        warmup_runs=0, latency_runs=1,
+    )
+    expected = np.mean((logits.predict(x, verbose=0)[:, 0] > 0.5) == y)
+    assert as_probabilities["float"].metric == pytest.approx(expected) and expected < 1
+    with pytest.raises(ValueError, match=r"layer 'score' with activation 'tanh'.*from_logits=True"):
+        qat_plugin.analysis.compare(binary_model("tanh"), eval_data=(x, y), modes=("float",))
+    tanh = qat_plugin.analysis.compare(
+        binary_model("tanh"), eval_data=(x, y), modes=("float",), from_logits=True,
+        warmup_runs=0, latency_runs=1,
+    )
+    assert tanh["float"].metric == 1.0
+
+
+def test_labels_that_cannot_be_scored_fail_before_any_export(trained):
+    model, _, x, y, _ = trained
+    compare = qat_plugin.analysis.compare
+    names = np.array(["cat", "dog", "owl", "emu"])[y]
+    with pytest.raises(ValueError, match=r"eval_data \(its labels\): labels of dtype <U3 \(e.g. '"):
+        compare(model, eval_data=(x, names), modes=("float",))
+    with pytest.raises(ValueError, match=r"one-hot labels 3 wide, but the model outputs 4 class"):
+        compare(model, eval_data=(x, np.eye(3)[y % 3]), modes=("float",))
+    with pytest.raises(ValueError, match=r"class labels must be whole numbers from 0 to 3 .* got 7"):
+        compare(model, eval_data=(x, np.where(y == 0, 7, y)), modes=("float",))
+    one_hot = compare(model, eval_data=(x, np.eye(4)[y]), modes=("float",), latency_runs=1)
+    sparse = compare(model, eval_data=(x, y), modes=("float",), latency_runs=1)
+    assert one_hot["float"].metric == sparse["float"].metric
+
+
+def test_top1_accuracy_checks_its_labels():
+    from qat_plugin.analysis.metrics import top1_accuracy
+
+    scores = np.array([[0.1, 0.9], [0.8, 0.2], [0.4, 0.6]])
+    assert top1_accuracy(np.array([1, 0, 1]), scores) == 1.0
+    assert top1_accuracy(np.array([[0, 1], [1, 0], [0, 1]]), scores) == 1.0
+    assert top1_accuracy(np.array([True, False, True]), scores[:, 1:]) == 1.0
+    with pytest.raises(ValueError, match=r"y_true: 2 labels for 3 samples"):
+        top1_accuracy(np.array([1, 0]), scores)
+    with pytest.raises(ValueError, match=r"y_true: labels of dtype <U1"):
+        top1_accuracy(np.array(["a", "b", "a"]), scores)
+    with pytest.raises(ValueError, match=r"y_true: one-hot labels 3 wide, but the model outputs 2"):
+        top1_accuracy(np.eye(3), scores)
+    with pytest.raises(ValueError, match=r"from 0 to 1 for 1 output unit\(s\), got 0.5"):
+        top1_accuracy(np.array([0.5, 0, 1]), scores[:, 1:])
+
+
+def test_bad_counts_fail_before_any_export(trained):
+    model, _, x, y, _ = trained
+    for name in ("latency_runs", "batch_size", "num_threads"):
+        with pytest.raises(ValueError, match=f"{name} must be a whole number of 1 or more, got 0"):
+            qat_plugin.analysis.compare(model, eval_data=(x, y), modes=("float",), **{name: 0})
+    with pytest.raises(ValueError, match="warmup_runs must be a whole number of 0 or more"):
+        qat_plugin.analysis.compare(model, eval_data=(x, y), modes=("float",), warmup_runs=-1)

@@ -8,7 +8,16 @@ import time
 import keras
 import numpy as np
 
-from qat_plugin.analysis.metrics import agreement, as_list, measure_latency, metric_function
+from qat_plugin.analysis.metrics import (
+    agreement,
+    as_list,
+    binary_threshold,
+    check_labels,
+    measure_latency,
+    metric_function,
+    output_is_logits,
+    top1_accuracy,
+)
 from qat_plugin.analysis.report import CandidateResult, ComparisonReport
 from qat_plugin.data.batches import labelled_arrays, model_call_inputs
 from qat_plugin.layers.base import is_quantized
@@ -64,6 +73,14 @@ def _settings(num_threads, warmup_runs, latency_runs):
     }
 
 
+def _check_counts(**counts):
+    """Raises `ValueError` for a count below its least value (1, or the one given)."""
+    for name, value in counts.items():
+        value, least = value if isinstance(value, tuple) else (value, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be a whole number of {least} or more, got {value!r}.")
+
+
 def compare(
     float_model,
     qat_model=None,
@@ -72,6 +89,7 @@ def compare(
     representative_data=None,
     modes=DEFAULT_MODES,
     metric=None,
+    from_logits=None,
     num_threads=1,
     warmup_runs=10,
     latency_runs=100,
@@ -100,6 +118,15 @@ def compare(
         modes: PTQ modes of the float model (see `qat_plugin.config.constants.MODES`).
         metric: None (top-1 accuracy), a `keras.metrics.Metric` or a
             `callable(y_true, y_pred) -> float`; it sees the first output.
+            Top-1 accuracy needs numeric labels, one per sample: class
+            indices, or one-hot rows as wide as the output.
+        from_logits: for top-1 accuracy of a one-unit (binary) output:
+            True when it outputs logits (a sample is class 1 above 0),
+            False for probabilities (above 0.5). None reads it from the
+            float model's final activation: linear (none) is logits,
+            sigmoid probabilities; any other asks for `from_logits`. The
+            same threshold applies to every candidate's (dequantized)
+            outputs and to their agreement with the float model.
         num_threads: interpreter threads, for evaluation and latency.
         warmup_runs: interpreter invokes before timing starts.
         latency_runs: timed invokes (the median and 90th percentile are reported).
@@ -140,13 +167,27 @@ def compare(
         )
     if not modes and qat_model is None:
         raise ValueError("Nothing to compare: give modes or a qat_model.")
-    metric_name, score = metric_function(metric)
+    _check_counts(latency_runs=latency_runs, batch_size=batch_size,
+                  warmup_runs=(warmup_runs, 0),
+                  **({} if num_threads is None else {"num_threads": num_threads}))
+    metric_function(metric)  # A bad metric= fails before the data is read.
+    if from_logits not in (None, True, False):
+        raise ValueError(f"from_logits must be None, True or False, got {from_logits!r}.")
     inputs, targets = labelled_arrays(float_model, eval_data)
     reference = as_list(
         float_model.predict(
             model_call_inputs(float_model, inputs), batch_size=batch_size, verbose=0
         )
     )[0]
+    if metric is None and reference.ndim < 2:
+        top1_accuracy(targets, reference)  # Says to pass metric=.
+    check_labels(targets, reference, "eval_data (its labels)", classes=metric is None)
+    threshold = None
+    if metric is None and reference.ndim >= 2 and reference.shape[-1] == 1:
+        if from_logits is None:
+            from_logits = output_is_logits(float_model)
+        threshold = binary_threshold(from_logits)
+    metric_name, score = metric_function(metric, from_logits=bool(from_logits))
 
     candidates = [
         ("float" if m == "float" else f"ptq-{m}", m, float_model) for m in modes
@@ -178,7 +219,7 @@ def compare(
                 name=name,
                 mode=mode,
                 metric=score(targets, y_pred),
-                agreement=agreement(reference, y_pred),
+                agreement=agreement(reference, y_pred, threshold),
                 size_bytes=len(data),
                 gzip_bytes=len(gzip.compress(data, compresslevel=9)),
                 latency_ms_median=median,
