@@ -152,3 +152,11 @@ def test_compare_names_a_zip_that_holds_no_keras_model(saved, capsys, tmp_path):
     assert main(["compare", str(bad), "--data", str(folder / "eval.npz")]) == 1
     assert f"model '{bad}' is a zip archive but not a .keras model: it has no config.json" \
         in capsys.readouterr().err
+
+
+def test_inspect_names_an_empty_tflite_file(capsys, tmp_path):
+    empty = tmp_path / "empty.tflite"
+    empty.write_bytes(b"")
+    assert main(["inspect", str(empty)]) == 1
+    assert f"qat-plugin: error: No .tflite model in '{empty}': it is empty (0 bytes)" \
+        in capsys.readouterr().err

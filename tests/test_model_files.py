@@ -61,3 +61,13 @@ def test_a_valid_file_still_loads(tmp_path, tflite_bytes):
     path.write_bytes(tflite_bytes)
     assert TFLiteModel(path).predict(np.ones((1, 4), "float32")).shape == (1, 2)
     assert inspect_tflite(str(path)).size_bytes == len(tflite_bytes)
+
+
+def test_layerwise_error_names_a_truncated_file(tmp_path, tflite_bytes):
+    from qat_plugin.analysis.layerwise import layerwise_error
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    path = tmp_path / "cut.tflite"
+    path.write_bytes(tflite_bytes[:100])
+    with pytest.raises(ModelFileError, match=r"LiteRT cannot read '.*cut\.tflite'"):
+        layerwise_error(model, str(path), np.ones((2, 4), "float32"))

@@ -34,7 +34,7 @@ from qat_plugin.analysis.matching import LayerMatcher, match_tensors
 from qat_plugin.data.batches import calibration_samples, model_call_inputs
 from qat_plugin.config.constants import CALIBRATED_MODES
 from qat_plugin.tflite.convert import float_converter
-from qat_plugin.tflite.interpreter import TFLiteModel, dequantize_array, load_model_bytes
+from qat_plugin.tflite.interpreter import TFLiteModel, dequantize_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,9 +197,8 @@ def layerwise_error(reference_model, tflite_model, data, *, max_samples=128,
     float_outputs = probe.predict(model_call_inputs(reference_model, inputs), verbose=0)
     float_outputs = dict(zip([l.name for l in layers], tree.flatten(float_outputs)))
 
-    runner = TFLiteModel(
-        load_model_bytes(tflite_model), use_xnnpack=False, preserve_all_tensors=True
-    )
+    # Given a path, a file LiteRT cannot read fails naming it.
+    runner = TFLiteModel(tflite_model, use_xnnpack=False, preserve_all_tensors=True)
     if not runner.dynamic_batch:
         raise ValueError(
             "layerwise_error needs a .tflite model with a dynamic batch axis "
