@@ -12,7 +12,7 @@ from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 from qat_plugin.layers import PrunedLayer
 from qat_plugin.quantize import plan as planning
 from qat_plugin.quantize.graph import LayerGraph
-from qat_plugin.quantizers import RangeGroup
+from qat_plugin.range_groups import RangeGroup
 from qat_plugin.sparsity import ConstantSparsity
 
 L = keras.layers

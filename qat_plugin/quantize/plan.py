@@ -19,7 +19,7 @@ from qat_plugin import registry
 from qat_plugin.errors import UnsupportedLayerError
 from qat_plugin.layers.affine import is_constant
 from qat_plugin.quantize.fusion import find_fusions
-from qat_plugin.quantizers import RangeGroup
+from qat_plugin.range_groups import RangeGroup
 
 
 @dataclasses.dataclass(frozen=True)
