@@ -10,6 +10,7 @@ from qat_plugin.callbacks.scheduler import current_phase
 from qat_plugin.layers.base import quantized_layers
 from qat_plugin.layers.base import activation_probe
 from qat_plugin.layers.linear import QuantizedLinear
+from qat_plugin.quantize.calibration import nonfinite_batches, warn_nonfinite
 
 
 def sqnr_db(pairs):
@@ -70,6 +71,9 @@ class QuantizationMonitor(keras.callbacks.Callback):
     - With `data`: `qat_clip_fraction` and, with `per_layer`,
       `qat_clip_fraction/<layer>`: the fraction of activation values outside
       the range they are quantized to (saturated by the int8 kernel).
+    - `qat_nonfinite_batches`: the batches holding NaN or inf that the range
+      observers skipped so far (the most any layer skipped); an epoch that
+      adds some also warns, naming the layers.
 
     The clipping figures come from one inference pass over a held sample
     (the first `sample_size` samples of `data`, for instance the validation
@@ -110,10 +114,19 @@ class QuantizationMonitor(keras.callbacks.Callback):
         self.sample_size = sample_size
         self.per_layer = per_layer
         self.worst_sqnr_layer = None
+        self._nonfinite = {}
+
+    def on_train_begin(self, logs=None):
+        self._nonfinite = nonfinite_batches(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
+        figures = self.measure()
+        counts = nonfinite_batches(self.model)
+        warn_nonfinite(self.model, f"QuantizationMonitor, epoch {epoch + 1}",
+                       since=self._nonfinite)
+        self._nonfinite = counts
         if logs is not None:
-            logs.update(self.measure())
+            logs.update(figures)
 
     def measure(self):
         """Returns the figures as a dict of floats (see the class docstring)."""
@@ -129,6 +142,8 @@ class QuantizationMonitor(keras.callbacks.Callback):
             "qat_quantizing": float(phase["quantizing"]),
             "qat_bn_frozen": float(phase["bn_frozen"]),
             "qat_ranges_frozen": float(phase["ranges_frozen"]),
+            "qat_nonfinite_batches": float(max(
+                nonfinite_batches(self.model).values(), default=0)),
         }
         figures.update(self._weight_figures())
         if self.sample is not None:

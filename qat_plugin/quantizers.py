@@ -10,7 +10,6 @@ a range that always contains zero.
 import keras
 from keras import ops
 from keras.src.quantizers.quantizers import adjust_and_nudge
-from keras.src.saving import serialization_lib
 
 # A range narrower than this would give a zero scale.
 _MIN_RANGE = 1e-6
@@ -165,7 +164,8 @@ class ActivationQuantizer:
     """Observes an activation's range and fake-quantizes it.
 
     The range is an exponential moving average of the batch minimum and
-    maximum, seeded with the first batch; it is held in non-trainable
+    maximum, seeded with the first batch; a batch holding NaN or inf is
+    skipped and counted in `nonfinite_batches`. It is held in non-trainable
     variables of the owning layer, so it is saved, restored and replicated
     like any weight. A quantizer with `fixed_range` (sigmoid, softmax, tanh)
     observes nothing.
@@ -220,27 +220,25 @@ class ActivationQuantizer:
             return
         if self.group is not None:
             self.group.join(self)
-        self.range_min = layer.add_weight(
-            name=f"{self.name}_min",
-            shape=(),
-            initializer="zeros",
-            trainable=False,
-            aggregation="mean",
-        )
-        self.range_max = layer.add_weight(
-            name=f"{self.name}_max",
-            shape=(),
-            initializer="zeros",
-            trainable=False,
-            aggregation="mean",
+        # The range starts empty (min > max): "never observed" is a state of
+        # its own, apart from a constant activation's zero-width range.
+        self.range_min = self._state(layer, "min", "ones")
+        self.range_max = self._state(layer, "max", keras.initializers.Constant(-1.0))
+        # Batches with NaN or inf that the observer skipped.
+        self.nonfinite_batches = self._state(layer, "nonfinite_batches", "zeros")
+
+    def _state(self, layer, name, initializer):
+        return layer.add_weight(
+            name=f"{self.name}_{name}", shape=(), initializer=initializer, trainable=False,
+            aggregation="mean", dtype="float32",
         )
 
     @property
     def observed(self):
-        """A boolean tensor: has this quantizer seen any data yet."""
+        """A boolean tensor: has this quantizer seen any (finite) data yet."""
         if self.fixed_range is not None:
             return ops.convert_to_tensor(True)
-        return ops.greater(self.range_max - self.range_min, 0.0)
+        return ops.less_equal(self.range_min, self.range_max)
 
     def current_range(self):
         """Returns the (min, max) the next fake-quant uses."""
@@ -268,19 +266,27 @@ class ActivationQuantizer:
         x = ops.stop_gradient(x)
         batch_min = ops.cast(ops.min(x), "float32")
         batch_max = ops.cast(ops.max(x), "float32")
-        seeded = self.observed
-        decay = self.ema_decay
-        new_min = ops.where(
-            seeded, decay * self.range_min + (1 - decay) * batch_min, batch_min
-        )
-        new_max = ops.where(
-            seeded, decay * self.range_max + (1 - decay) * batch_max, batch_max
-        )
+        # min and max carry a NaN through on every backend: a batch with NaN
+        # or inf anywhere is skipped, not averaged into the range.
+        finite = ops.logical_and(ops.isfinite(batch_min), ops.isfinite(batch_max))
         # jnp.where does not read Keras variables: pass their values.
-        new_min = select(frozen, ops.convert_to_tensor(self.range_min), new_min)
-        new_max = select(frozen, ops.convert_to_tensor(self.range_max), new_max)
+        old_min = ops.convert_to_tensor(self.range_min)
+        old_max = ops.convert_to_tensor(self.range_max)
+        seeded = ops.less_equal(old_min, old_max)
+        decay = self.ema_decay
+        new_min = ops.where(seeded, decay * old_min + (1 - decay) * batch_min, batch_min)
+        new_max = ops.where(seeded, decay * old_max + (1 - decay) * batch_max, batch_max)
+        keep = ops.logical_not(finite)
+        if frozen is not False:
+            keep = ops.logical_or(keep, frozen)
+        new_min = ops.where(keep, old_min, new_min)
+        new_max = ops.where(keep, old_max, new_max)
         self.range_min.assign(new_min)
         self.range_max.assign(new_max)
+        skipped = ops.logical_not(finite)
+        if frozen is not False:
+            skipped = ops.logical_and(skipped, ops.logical_not(frozen))
+        self.nonfinite_batches.assign_add(ops.cast(skipped, "float32"))
         return self._clamped(new_min, new_max)
 
     def quantize(self, x, range_min, range_max):
@@ -307,74 +313,3 @@ class ActivationQuantizer:
             else list(self.fixed_range),
             "average_divisor": self.average_divisor,
         }
-
-
-@keras.saving.register_keras_serializable(package="qat_plugin")
-class RangeGroup:
-    """Activations that must share one int8 scale, quantized with one range.
-
-    TFLite's CONCATENATION keeps one scale for its inputs and output, and so
-    do the pooling, padding and reshape ops on the way to it. The converter
-    gives every tensor of such a chain the concatenation's scale, and puts a
-    requantize op (QUANTIZE) wherever a tensor arrives with another one.
-    The tensors of a group therefore all fake-quantize with one range: each
-    member keeps its own observer, and quantizes with the smallest range
-    covering every member's, so they export with one scale and zero point.
-
-    The layers holding the members share the group object. `.keras` files
-    keep it shared (Keras' object-sharing scope); a config copied without
-    that scope gives each layer a group of its own, i.e. its own range.
-
-    Args:
-        name: the group's name, unique in its model (loading finds the
-            group's members by it).
-
-    Examples:
-        >>> layer = keras.layers.Layer()
-        >>> group = RangeGroup("block")
-        >>> a, b = ActivationQuantizer("a", group=group), ActivationQuantizer("b", group=group)
-        >>> a.build(layer); b.build(layer)
-        >>> _ = a.observe(ops.convert_to_tensor([0.0, 1.0]), frozen=False)
-        >>> _ = b.observe(ops.convert_to_tensor([-0.5, 3.0]), frozen=False)
-        >>> [float(v) for v in a.current_range()]
-        [-0.5, 3.0]
-    """
-
-    def __init__(self, name):
-        self.name = name
-        self._members = []
-
-    def join(self, quantizer):
-        """Adds `quantizer` (once) to the group."""
-        if not any(member is quantizer for member in self._members):
-            self._members.append(quantizer)
-
-    def cover(self, quantizer, range_min, range_max):
-        """Widens `quantizer`'s range to the other observed members' ranges."""
-        # jnp.where does not read Keras variables: pass their values.
-        range_min = ops.convert_to_tensor(range_min)
-        range_max = ops.convert_to_tensor(range_max)
-        for other in self._members:
-            if other is quantizer:
-                continue
-            seen = other.observed
-            other_min = ops.convert_to_tensor(other.range_min)
-            other_max = ops.convert_to_tensor(other.range_max)
-            range_min = ops.where(seen, ops.minimum(range_min, other_min), range_min)
-            range_max = ops.where(seen, ops.maximum(range_max, other_max), range_max)
-        return range_min, range_max
-
-    def get_config(self):
-        return {"name": self.name}
-
-    @classmethod
-    def from_config(cls, config):
-        # Keras marks an object serialized twice as shared only in the
-        # configs it still holds; the layers' copies may miss the mark, so
-        # the group is found again by its name (unique in its model).
-        key = ("qat_plugin.RangeGroup", config["name"])
-        group = serialization_lib.get_shared_object(key)
-        if group is None:
-            group = cls(**config)
-            serialization_lib.record_object_after_deserialization(group, key)
-        return group

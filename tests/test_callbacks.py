@@ -383,7 +383,7 @@ def test_monitor_without_data_logs_weights_and_phase_only():
     history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
                         callbacks=[QuantizationMonitor(per_layer=False)])
     keys = sorted(k for k in history.history if k.startswith("qat_"))
-    assert keys == ["qat_bn_frozen", "qat_quantizing", "qat_ranges_frozen",
+    assert keys == ["qat_bn_frozen", "qat_nonfinite_batches", "qat_quantizing", "qat_ranges_frozen",
                     "qat_step", "qat_worst_sqnr_db"]
 
 
@@ -572,3 +572,20 @@ def test_a_monitor_or_filepath_key_missing_from_the_logs_keeps_the_model(tmp_pat
         assert os.path.dirname(export.rescued_path) == str(tmp_path)
         check_rescued(model, export, history, 1, caught)
     assert sorted(os.listdir(tmp_path)) == ["m-{nope}.unexported.keras", "m.unexported.keras"]
+
+
+def test_monitor_reports_and_warns_about_skipped_nonfinite_batches():
+    model = keras.Sequential([keras.Input((4,), name="x"), keras.layers.Dense(2, name="head")])
+    qat = qat_plugin.quantize_model(model)
+    qat.compile(keras.optimizers.SGD(0.0), "mse")
+    x = np.random.default_rng(0).random((32, 4), dtype=np.float32)
+    x[20, 0] = np.inf  # the second of two batches
+    y = np.zeros((32, 2), "float32")
+    with pytest.warns(UserWarning, match=r"QuantizationMonitor, epoch 1: .* skipped batches "
+                                         r"holding NaN or inf .*'x_quantize': 1"):
+        history = qat.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+                          callbacks=[QuantizationMonitor()])
+    assert history.history["qat_nonfinite_batches"] == [1.0]
+    clean = x[:16]
+    history = qat.fit(clean, y[:16], epochs=1, verbose=0, callbacks=[QuantizationMonitor()])
+    assert history.history["qat_nonfinite_batches"] == [1.0]  # so far, no new warning

@@ -7,13 +7,13 @@ from keras import ops
 
 from qat_plugin.quantizers import (
     ActivationQuantizer,
-    RangeGroup,
     clamp_range,
     fake_quant_activation,
     fake_quant_average,
     fake_quant_weight,
     integer_weight,
 )
+from qat_plugin.range_groups import RangeGroup
 
 
 def numpy_fake_quant(x, range_min, range_max, num_bits=8):
@@ -156,3 +156,35 @@ def test_observer_seeds_then_averages_then_freezes():
 def test_observer_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ActivationQuantizer("output", **kwargs)
+
+
+def test_observer_skips_and_counts_nonfinite_batches():
+    layer = keras.layers.Layer()
+    quantizer = ActivationQuantizer("out", ema_decay=0.5)
+    quantizer.build(layer)
+    # A first batch with NaN seeds nothing: the range is still unobserved.
+    quantizer.observe(ops.convert_to_tensor([np.nan, 1.0]), frozen=False)
+    assert not bool(quantizer.observed) and float(quantizer.nonfinite_batches) == 1
+    quantizer.observe(ops.convert_to_tensor([-1.0, 2.0]), frozen=False)
+    for bad in ([np.inf, 0.0], [-np.inf, 0.0], [np.nan, np.nan]):
+        lo, hi = quantizer.observe(ops.convert_to_tensor(bad), frozen=False)
+        assert [float(lo), float(hi)] == [-1.0, 2.0]
+    assert [float(quantizer.range_min), float(quantizer.range_max)] == [-1.0, 2.0]
+    assert float(quantizer.nonfinite_batches) == 4
+    # Frozen ranges skip everything: nothing is counted.
+    quantizer.observe(ops.convert_to_tensor([np.nan]), frozen=ops.convert_to_tensor(True))
+    assert float(quantizer.nonfinite_batches) == 4
+
+
+def test_a_constant_activation_is_observed_with_a_zero_width_range():
+    layer = keras.layers.Layer()
+    quantizer = ActivationQuantizer("out")
+    quantizer.build(layer)
+    quantizer.observe(ops.convert_to_tensor([0.0, 0.0]), frozen=False)
+    assert bool(quantizer.observed)
+    lo, hi = (float(v) for v in quantizer.current_range())
+    assert lo == 0.0 and 0.0 < hi <= 1e-5  # the smallest legal range
+    constant = ActivationQuantizer("c")
+    constant.build(layer)
+    constant.observe(ops.convert_to_tensor([3.0, 3.0]), frozen=False)
+    assert [float(v) for v in constant.current_range()] == [0.0, 3.0]

@@ -1,6 +1,8 @@
 """`calibrate`: sets a quantized model's activation ranges from sample data."""
 
-from keras import tree
+import warnings
+
+from keras import ops, tree
 
 from qat_plugin.data.batches import (
     input_arrays,
@@ -9,8 +11,8 @@ from qat_plugin.data.batches import (
     split_element,
     stream,
 )
-from qat_plugin.layers.base import is_quantized
-from qat_plugin.layers.base import calibration_mode
+from qat_plugin.errors import ExportError
+from qat_plugin.layers.base import calibration_mode, is_quantized, quantized_layers
 
 
 def calibrate(model, data, steps=None, batch_size=32):
@@ -54,6 +56,7 @@ def calibrate(model, data, steps=None, batch_size=32):
         raise ValueError(f"calibrate: batch_size must be at least 1, got {batch_size}.")
     specs = input_specs(model)
     streamed = not is_in_memory(data)
+    skipped_before = nonfinite_batches(model)
     run = 0
     with calibration_mode():
         for batch in _batches(data, streamed, specs, batch_size):
@@ -64,7 +67,51 @@ def calibrate(model, data, steps=None, batch_size=32):
             run += 1
     if run == 0:
         raise ValueError("calibrate: data yielded no batches.")
+    warn_nonfinite(model, "calibrate", since=skipped_before)
     return run
+
+
+def nonfinite_batches(model):
+    """The batches holding NaN or inf that each layer's range observers skipped.
+
+    Returns:
+        A dict `{layer name: batches}` of the layers that skipped any.
+
+    Examples:
+        >>> import keras, numpy as np, qat_plugin
+        >>> qat = qat_plugin.quantize_model(
+        ...     keras.Sequential([keras.Input((2,), name="x"), keras.layers.Dense(2, name="head")]))
+        >>> _ = qat(np.array([[1.0, 2.0]], "float32"), training=True)
+        >>> _ = qat(np.array([[1.0, np.nan]], "float32"), training=True)
+        >>> nonfinite_batches(qat)
+        {'x_quantize': 1, 'head': 1}
+    """
+    counts = {}
+    for layer in quantized_layers(model):
+        for quantizer in layer.activation_quantizers():
+            if quantizer.fixed_range is None:
+                count = int(ops.convert_to_numpy(quantizer.nonfinite_batches))
+                if count:
+                    counts[layer.name] = max(counts.get(layer.name, 0), count)
+    return counts
+
+
+def warn_nonfinite(model, where, since=None):
+    """Warns, naming the layers, if observers skipped NaN/inf batches (since `since`)."""
+    since = since or {}
+    counts = {name: count - since.get(name, 0)
+              for name, count in nonfinite_batches(model).items()
+              if count > since.get(name, 0)}
+    if counts:
+        warnings.warn(
+            f"{where}: the activation range observers of model '{model.name}' "
+            f"skipped batches holding NaN or inf ({{layer: batches}}: {counts}); "
+            "those values are kept out of the ranges, but NaN in the data or the "
+            "loss also reaches the weights: check the inputs, lower the learning "
+            "rate, or stop training on it with keras.callbacks.TerminateOnNaN.",
+            stacklevel=3,
+        )
+    return counts
 
 
 def _batches(data, streamed, specs, batch_size):
@@ -76,3 +123,44 @@ def _batches(data, streamed, specs, batch_size):
             continue
         for start in range(0, len(arrays[0]), batch_size):
             yield [a[start : start + batch_size] for a in arrays]
+
+
+def check_observed(model):
+    """Raises `ExportError` naming the activation ranges a model has not observed.
+
+    A range that saw only batches holding NaN or inf is named as such; a
+    constant activation (a zero-width range) counts as observed.
+
+    Examples:
+        >>> import keras, qat_plugin
+        >>> qat = qat_plugin.quantize_model(
+        ...     keras.Sequential([keras.Input((2,), name="x"), keras.layers.Dense(2, name="head")]))
+        >>> try:
+        ...     check_observed(qat)
+        ... except qat_plugin.ExportError as error:
+        ...     print(str(error)[:67])
+        These activation ranges were never observed: 'x_quantize' (output),
+    """
+    warn_nonfinite(model, "export_tflite")
+    unobserved, nonfinite = [], []
+    for layer in quantized_layers(model):
+        for quantizer in layer.activation_quantizers():
+            if bool(ops.convert_to_numpy(quantizer.observed)):
+                continue
+            unobserved.append(f"'{layer.name}' ({quantizer.name})")
+            if float(ops.convert_to_numpy(quantizer.nonfinite_batches)):
+                nonfinite.append(layer.name)
+    if nonfinite:
+        raise ExportError(
+            f"The activation ranges of {', '.join(map(repr, nonfinite))} saw "
+            "only batches holding NaN or inf, which their observers skip: the "
+            "model produces non-finite values there. Check the inputs and the "
+            "training (learning rate, loss), then calibrate on finite data "
+            "with qat_plugin.calibrate(model, data)."
+        )
+    if unobserved:
+        raise ExportError(
+            "These activation ranges were never observed: "
+            f"{', '.join(unobserved)}. Train the model with fit() or run "
+            "qat_plugin.calibrate(model, data) before exporting."
+        )
