@@ -56,7 +56,7 @@ from qat_plugin.errors import (
 )
 from qat_plugin.layers.base import is_quantized
 from qat_plugin.pruning import prune_model, strip_pruning
-from qat_plugin.quantize import calibrate, quantize_model
+from qat_plugin.quantize import QATModel, calibrate, quantize_model
 from qat_plugin.recipes import Recipe
 from qat_plugin.registry import LayerQuantization, register_layer
 from qat_plugin.sparsity import ConstantSparsity, PolynomialDecay
@@ -85,6 +85,7 @@ __all__ = [
     "Parity",
     "PolynomialDecay",
     "QATError",
+    "QATModel",
     "Recipe",
     "RecipeError",
     "TFLiteModel",

@@ -208,3 +208,71 @@ def test_int16x8_export_with_fixed_range_softmax_matches_keras():
     assert runner.output_details[0]["dtype"] == np.int16
     assert runner.output_details[0]["quantization"] == (1 / 32768, 0)
     assert_parity(qat, data, x)
+
+
+def test_a_constant_input_and_a_dead_relu_export_and_match_keras():
+    # A zero-range activation (constant input, a ReLU that is always 0)
+    # used to read as "never observed" and could never be exported.
+    inputs = keras.Input((4,), name="x")
+    dead = keras.layers.Dense(3, kernel_initializer="ones", name="dead",
+                              bias_initializer=keras.initializers.Constant(-100.0))(inputs)
+    dead = keras.layers.ReLU(name="relu")(dead)
+    outputs = keras.layers.Dense(2, name="head")(keras.layers.Concatenate()([dead, inputs]))
+    qat = qat_plugin.quantize_model(keras.Model(inputs, outputs))
+    x = np.random.default_rng(0).random((64, 4), dtype=np.float32)
+    qat_plugin.calibrate(qat, x)
+    data = qat_plugin.export_tflite(qat)
+    assert qat_plugin.inspect_tflite(data).is_fully_int8
+    assert_parity(qat, data, x)
+    zeros = np.zeros((8, 4), "float32")
+    constant = qat_plugin.quantize_model(
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="head")]))
+    qat_plugin.calibrate(constant, zeros)
+    np.testing.assert_allclose(
+        qat_plugin.TFLiteModel(qat_plugin.export_tflite(constant)).predict(zeros),
+        constant.predict(zeros, verbose=0), atol=0.02)
+
+
+def test_nonfinite_training_batches_warn_naming_the_layers_and_keep_the_ranges():
+    model = keras.Sequential([keras.Input((4,), name="x"), keras.layers.Dense(2, name="head")])
+    qat = qat_plugin.quantize_model(model)
+    x = np.random.default_rng(1).random((32, 4), dtype=np.float32)
+    qat(x, training=True)
+
+    def ranges():
+        return {w.path: float(w.numpy()) for w in qat.non_trainable_weights
+                if w.path.endswith(("_min", "_max"))}
+
+    before = ranges()
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    qat(bad, training=True)
+    assert len(before) == 4 and ranges() == before
+    assert qat_plugin.quantize.calibration.nonfinite_batches(qat) == {"x_quantize": 1, "head": 1}
+    with pytest.warns(UserWarning, match=r"export_tflite: .*skipped batches holding NaN or inf"
+                                         r".*'head': 1.*TerminateOnNaN"):
+        assert qat_plugin.inspect_tflite(qat_plugin.export_tflite(qat)).is_fully_int8
+    # Only NaN ever seen: the export says so instead of "never observed".
+    fresh = qat_plugin.quantize_model(model)
+    fresh(bad, training=True)
+    with pytest.warns(UserWarning), pytest.raises(
+            qat_plugin.ExportError, match="saw only batches holding NaN or inf"):
+        qat_plugin.export_tflite(fresh)
+
+
+def test_keras_litert_export_of_a_qat_model_writes_the_int8_file(tmp_path):
+    qat = qat_fit(sequential_cnn(), *images(64))
+    path = tmp_path / "keras.tflite"
+    qat.export(str(path), format="litert", verbose=False)
+    assert path.read_bytes() == qat_plugin.export_tflite(qat)
+    assert qat_plugin.inspect_tflite(str(path)).is_fully_int8
+    # After a save/load round trip too; converter settings are refused.
+    qat.save(tmp_path / "qat.keras")
+    loaded = keras.models.load_model(tmp_path / "qat.keras")
+    assert isinstance(loaded, qat_plugin.QATModel)
+    loaded.export(str(tmp_path / "loaded.tflite"), format="litert", verbose=False)
+    assert (tmp_path / "loaded.tflite").read_bytes() == path.read_bytes()
+    with pytest.raises(qat_plugin.ExportError, match="takes no converter settings "
+                                                     r"\(optimizations given\).*export_tflite"):
+        loaded.export(str(tmp_path / "x.tflite"), format="litert", optimizations=[])
+    assert not (tmp_path / "x.tflite").exists()

@@ -91,3 +91,20 @@ def test_backup_and_restore_resumes_the_schedule_exactly(tmp_path, steps_per_exe
     assert_same_variables(resumed, uninterrupted)
     schedule_steps = ops.convert_to_numpy(resumed.get_layer("conv").qat_schedule)
     assert schedule_steps.tolist() == [STEPS, 21, 30]
+
+
+def test_loading_a_qat_file_without_importing_qat_plugin_names_the_class_and_package(tmp_path):
+    import subprocess
+    import sys
+
+    qat = qat_model()
+    qat.save(tmp_path / "qat.keras")
+    script = ("import keras\ntry:\n    keras.models.load_model(r'%s')\n"
+              "except TypeError as error:\n    print(str(error)[:400])\n" % (tmp_path / "qat.keras"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    message = result.stdout
+    assert "Could not locate class 'QATModel'" in message, result.stderr[-2000:]
+    assert "make sure they are all imported" in message
+    assert "{'module': 'qat_plugin', 'class_name': 'QATModel'" in message
+    assert isinstance(keras.models.load_model(tmp_path / "qat.keras"), qat_plugin.QATModel)

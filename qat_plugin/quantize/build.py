@@ -27,6 +27,7 @@ from qat_plugin.layers import (
 )
 from qat_plugin.layers.activation import GATED_ACTIVATIONS
 from qat_plugin.layers.operation import argument_template
+from qat_plugin.quantize.qat_model import QATModel
 from qat_plugin.quantize.plan import average_divisor, averages, check_activation_bits
 from qat_plugin.quantize.weight_transforms import (
     composed,
@@ -37,8 +38,17 @@ from qat_plugin.quantize.weight_transforms import (
 from qat_plugin.quantizers import FIXED_RANGES
 
 
+# A QAT model computes in float32 (see `quantize_model`).
+_HALF_DTYPES = ("float16", "bfloat16")
+
+
 def _clone(layer):
-    return type(layer).from_config(layer.get_config())
+    config = layer.get_config()
+    if layer.dtype_policy.compute_dtype in _HALF_DTYPES:
+        # Fake-quant mimics int8 arithmetic, which float16 cannot hold
+        # exactly; the export holds no float16 op (a CAST pair otherwise).
+        config["dtype"] = "float32"
+    return type(layer).from_config(config)
 
 
 class Builder:
@@ -74,7 +84,7 @@ class Builder:
         outputs = [self.tensors[key] for key in self.graph.outputs]
         outputs = tree.pack_sequence_as(self.graph.outputs_struct, outputs)
         inputs = tree.pack_sequence_as(self.graph.inputs_struct, new_inputs)
-        model = keras.Model(inputs, outputs, name=self.graph.name)
+        model = QATModel(inputs, outputs, name=self.graph.name)
         for original, copy, transform in self.weight_pairs:
             weights = original.get_weights()
             copy.set_weights(weights if transform is None else transform(weights))

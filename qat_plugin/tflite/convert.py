@@ -12,6 +12,8 @@ from qat_plugin.data.batches import calibration_samples, model_call_inputs
 from qat_plugin.files import write_bytes_atomic
 from qat_plugin.distribution import is_primary_process
 from qat_plugin.layers.base import export_mode, is_quantized, quantized_layers
+from qat_plugin.quantize.calibration import check_observed
+from qat_plugin.quantize.qat_model import set_litert_exporter
 from qat_plugin.tflite.io_names import with_keras_io_names
 from qat_plugin.tflite.tensorflow_process import run_on_tensorflow
 from qat_plugin.tflite.targets import check_target
@@ -202,21 +204,6 @@ def _frozen_function(model):
     return convert_variables_to_constants_v2(concrete)
 
 
-def _check_observed(model):
-    unobserved = [
-        f"'{layer.name}' ({quantizer.name})"
-        for layer in quantized_layers(model)
-        for quantizer in layer.activation_quantizers()
-        if not bool(keras.ops.convert_to_numpy(quantizer.observed))
-    ]
-    if unobserved:
-        raise ExportError(
-            "These activation ranges were never observed: "
-            f"{', '.join(unobserved)}. Train the model with fit() or run "
-            "qat_plugin.calibrate(model, data) before exporting."
-        )
-
-
 def _sparse_encoded(model, dense, allow_select_tf_ops=False):
     """Converts `model` again with sparse weights; checks they did not change.
 
@@ -299,7 +286,7 @@ def _warn_select_tf_ops(model, data):
 def _convert_qat(model, sparse_weights=False, allow_select_tf_ops=False):
     import tensorflow as tf
 
-    _check_observed(model)
+    check_observed(model)
     for layer in quantized_layers(model):
         layer.prepare_export()
     with export_mode():
@@ -386,3 +373,7 @@ def float_converter(model, mode, representative_data=None, calibration_steps=200
             converter.inference_input_type = io_type
         converter.inference_output_type = io_type
     return converter
+
+
+# `QATModel.export(path, format="litert")` writes what export_tflite writes.
+set_litert_exporter(lambda model, path: export_tflite(model, path))
