@@ -187,3 +187,40 @@ def test_non_keras3_model_is_rejected():
 def test_unknown_recipe_suggests_the_closest_name():
     with pytest.raises(ValueError, match="Did you mean 'int8'"):
         qat_plugin.quantize_model(conv_bn_relu_model(), recipe="int9")
+
+
+def _mixed_cnn():
+    inputs = keras.Input((8, 8, 1), name="image")
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+
+
+@pytest.mark.tf_only
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_and_exports_fully_int8(policy):
+    from tests.conftest import assert_parity, images
+
+    x, y = images(64, (8, 8, 1))
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        built_under_policy = _mixed_cnn()
+        # QAT under the policy: the quantizers used to fail with a dtype error.
+        qat = qat_plugin.quantize_model(built_under_policy)
+        assert keras.config.dtype_policy().name == policy  # restored
+        qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        qat.fit(x, y, epochs=1, verbose=0)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert {layer.dtype_policy.name for layer in qat.layers} == {"float32"}
+    # ... and a model built under it, quantized after resetting the policy.
+    for model in (qat, qat_plugin.quantize_model(built_under_policy)):
+        if model is not qat:
+            qat_plugin.calibrate(model, x)
+        data = qat_plugin.export_tflite(model)
+        report = qat_plugin.inspect_tflite(data)
+        assert report.is_fully_int8 and not report.float_ops
+        assert [op.name for op in report.ops] == ["CONV_2D", "MEAN", "FULLY_CONNECTED"]
+        assert_parity(model, data, x)

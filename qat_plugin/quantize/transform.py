@@ -1,5 +1,7 @@
 """`quantize_model`: rebuilds a Keras 3 model with fake-quant for QAT."""
 
+import contextlib
+
 import keras
 
 from qat_plugin import registry
@@ -85,7 +87,27 @@ def quantize_model(model, recipe="int8", *, skip=()):
             f"{unknown}. Layer names: {sorted(known)}."
         )
     _check_registered(graph, skip)
-    return Builder(make_plan(graph, skip), config.quantization).build()
+    with _float32_policy():
+        return Builder(make_plan(graph, skip), config.quantization).build()
+
+
+@contextlib.contextmanager
+def _float32_policy():
+    """Layers made inside compute in float32, whatever the global policy.
+
+    Fake-quant mimics integer arithmetic, which float16 and bfloat16 cannot
+    hold exactly: under `mixed_float16` / `mixed_bfloat16` the QAT model's
+    quantizers, observers and layers stay in float32 (as the scales of
+    Keras' own quantized layers do), and layers copied from a model built
+    under such a policy are copied as float32, so the export holds no
+    float16 op or CAST.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def _check_pruned(model, graph, config):
