@@ -224,3 +224,10 @@ def test_mixed_precision_trains_and_exports_fully_int8(policy):
         assert report.is_fully_int8 and not report.float_ops
         assert [op.name for op in report.ops] == ["CONV_2D", "MEAN", "FULLY_CONNECTED"]
         assert_parity(model, data, x)
+
+
+def test_a_zero_size_input_is_refused_naming_it():
+    model = keras.Sequential([keras.Input((0,), name="empty"), keras.layers.Dense(2)])
+    with pytest.raises(qat_plugin.UnsupportedModelError,
+                       match=r"input 'empty' has shape \(None, 0\), with a dimension of size 0"):
+        qat_plugin.quantize_model(model)

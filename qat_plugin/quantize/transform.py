@@ -71,6 +71,7 @@ def quantize_model(model, recipe="int8", *, skip=()):
     config = resolve(recipe)
     graph = LayerGraph.from_model(model)
     _check_float(model, graph)
+    _check_sizes(model, graph)
     _check_pruned(model, graph, config)
     # One name is a name, not a sequence of one-letter names.
     try:
@@ -127,6 +128,19 @@ def _check_pruned(model, graph, config):
         "`recipe.callbacks(pruned)`, then `recipe.quantize(pruned)` (or use "
         "qat_plugin.prune_model). For a dense QAT model use recipe 'int8'."
     )
+
+
+def _check_sizes(model, graph):
+    """Refuses a model input with a dimension of size 0: it holds no values to observe."""
+    for graph_input in graph.inputs:
+        shape = tuple(graph_input.tensor.shape)
+        if 0 in shape[1:]:
+            raise UnsupportedModelError(
+                f"Model '{model.name}': input '{graph_input.name}' has shape "
+                f"{shape}, with a dimension of size 0; it holds no values, so "
+                "no activation range can be observed and no int8 scale set. "
+                "Drop the input or give it at least one value per sample."
+            )
 
 
 def _check_float(model, graph):
