@@ -4,10 +4,12 @@ A `LinearOp` lets `QuantizedLinear` run a Conv/Dense-like layer with kernels
 of its choosing (BN-folded, fake-quantized, or export constants) without
 calling the layer itself, and says along which axes each kernel gets one
 scale, so that the scales are the ones the TFLite kernel uses (per output
-channel for CONV_2D, FULLY_CONNECTED and DEPTHWISE_CONV_2D).
+channel for CONV_2D, FULLY_CONNECTED, DEPTHWISE_CONV_2D and TRANSPOSE_CONV).
 """
 
 from keras import ops
+
+from qat_plugin.errors import UnsupportedLayerError
 
 
 def channel_vector(vector, rank, axis):
@@ -63,6 +65,13 @@ class LinearOp:
         if getattr(layer, "data_format", "channels_last") == "channels_first":
             return 1
         return -1
+
+    def check(self, layer):
+        """Raises `UnsupportedLayerError` where `layer` has no int8 TFLite op."""
+
+    def splits_activation(self, layer, batch_norm, activation):
+        """True when the TFLite op cannot fuse `activation`: it is an op of its own."""
+        return False
 
     def apply(self, layer, inputs, kernels, quantize_intermediate):
         """Computes the op without bias and activation."""
@@ -129,5 +138,64 @@ class SeparableConvOp(LinearOp):
             kernels[1],
             strides=1,
             padding="valid",
+            data_format=layer.data_format,
+        )
+
+
+class TransposedConvOp(LinearOp):
+    """Transposed kernels `[*k, out, in]`: one scale per output channel (axis -2).
+
+    TRANSPOSE_CONV stores its filter as `[out, *k, in]` with per-channel
+    scales on dimension 0, Keras' output-channel axis -2. The converter
+    lowers a Conv1DTranspose to it through EXPAND_DIMS / RESHAPE, as the
+    float layer's own `keras.ops.conv_transpose` does. A ReLU/ReLU6 fuses
+    only where there is a bias (`splits_activation`).
+
+    Examples:
+        >>> TransposedConvOp().reduce_axes(0, 4, per_channel=True)
+        (0, 1, 3)
+    """
+
+    def reduce_axes(self, kernel_index, kernel_rank, per_channel):
+        if not per_channel:
+            return tuple(range(kernel_rank))
+        return tuple(i for i in range(kernel_rank) if i != kernel_rank - 2)
+
+    def fold(self, layer, kernel, channel_scale):
+        return kernel * ops.reshape(channel_scale, (-1, 1))
+
+    def splits_activation(self, layer, batch_norm, activation):
+        # Measured (TF 2.21): the converter fuses RELU/RELU6 into
+        # TRANSPOSE_CONV only through a bias add; without a bias (nor a
+        # folded BatchNorm, which brings one) RELU stays an op of its own.
+        return activation != "linear" and batch_norm is None and not layer.use_bias
+
+    def check(self, layer):
+        # Measured (TF 2.21): a dilated or channels_first transposed conv
+        # leaves Conv2DBackpropInput / DataFormatVecPermute, which have no
+        # builtin kernel; the converter's own PTQ fails on them too.
+        reason = None
+        if any(rate != 1 for rate in layer.dilation_rate):
+            reason = f"dilation_rate {tuple(layer.dilation_rate)}"
+        elif layer.data_format == "channels_first":
+            reason = "data_format 'channels_first'"
+        if reason is not None:
+            raise UnsupportedLayerError(
+                f"Layer '{layer.name}' ({type(layer).__name__} with {reason}) "
+                "has no TFLite builtin kernel: the converter leaves a TensorFlow "
+                "op (Conv2DBackpropInput or DataFormatVecPermute), and its own "
+                "int8 PTQ fails on it too. Use dilation_rate 1 and channels_last, "
+                f"or keep it in float with quantize_model(..., skip=['{layer.name}'])"
+                " and export_tflite(..., allow_select_tf_ops=True) (Flex ops)."
+            )
+
+    def apply(self, layer, inputs, kernels, quantize_intermediate):
+        return ops.conv_transpose(
+            inputs,
+            kernels[0],
+            strides=list(layer.strides),
+            padding=layer.padding,
+            output_padding=layer.output_padding,
+            dilation_rate=layer.dilation_rate,
             data_format=layer.data_format,
         )

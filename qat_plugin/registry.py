@@ -70,7 +70,7 @@ from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
 
-from qat_plugin.linear_ops import ConvOp, DenseOp, DepthwiseConvOp, LinearOp, SeparableConvOp
+from qat_plugin.linear_ops import ConvOp, DenseOp, DepthwiseConvOp, LinearOp, SeparableConvOp, TransposedConvOp
 
 LINEAR = "linear"
 OUTPUT = "output"
@@ -165,8 +165,6 @@ class LayerQuantization:
         )
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """Everything the engine knows about one layer class (see the module doc)."""
@@ -256,6 +254,9 @@ _ROWS = {
             linear_op=DepthwiseConvOp(), folds_input_scale=True, fuses_activation=True),
     **_rows((_L.SeparableConv1D, _L.SeparableConv2D), policy=LINEAR,
             linear_op=SeparableConvOp(), folds_input_scale=True, fuses_activation=True),
+    # TRANSPOSE_CONV. CONV_3D_TRANSPOSE is float only: Conv3DTranspose is FLOAT.
+    **_rows((_L.Conv1DTranspose, _L.Conv2DTranspose), policy=LINEAR,
+            linear_op=TransposedConvOp(), folds_input_scale=True, fuses_activation=True),
     _L.BatchNormalization: LayerSpec(BATCH_NORM, fuses_activation=True),
     _L.ReLU: LayerSpec(ACTIVATION, activation=_relu_name),
     _L.Activation: LayerSpec(ACTIVATION, activation=lambda l: function_name(l.activation)),
@@ -281,7 +282,7 @@ _ROWS = {
     LayerScale: LayerSpec(CHANNEL_SCALE),
     _L.Rescaling: LayerSpec(AFFINE),
     _L.Normalization: LayerSpec(AFFINE),
-    _L.LayerNormalization: LayerSpec(FLOAT),
+    **_rows((_L.LayerNormalization, _L.Conv3DTranspose), policy=FLOAT),
     **_rows((_L.Concatenate, _L.Maximum, _L.Minimum, numpy_ops.Concatenate,
              numpy_ops.Maximum, numpy_ops.Minimum), policy=SHARED_SCALE),
     **_rows((_L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D),

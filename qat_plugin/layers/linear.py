@@ -47,8 +47,8 @@ class QuantizedLinear(QuantizedLayer):
     goes on updating the masks while the QAT model trains.
 
     Args:
-        layer: the Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D or
-            Dense layer (a fresh copy; the layer's own activation is
+        layer: the Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D,
+            Conv1DTranspose/Conv2DTranspose or Dense layer (a fresh copy; the layer's own activation is
             ignored), or a `PrunedLayer` wrapping one.
         batch_norm: the BatchNormalization layer folded in, or None.
         activation: `"linear"`, `"relu"` or `"relu6"`, fused into the op.
@@ -91,8 +91,10 @@ class QuantizedLinear(QuantizedLayer):
             raise ValueError(
                 f"QuantizedLinear cannot wrap layer '{layer.name}' of class "
                 f"{type(layer).__name__}: supported classes are Dense, "
-                "Conv1D/2D/3D, DepthwiseConv1D/2D and SeparableConv1D/2D."
+                "Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D and "
+                "Conv1DTranspose/Conv2DTranspose."
             )
+        self.linear_op.check(layer)
         check_fused_activation(layer.name, activation)
         self.layer = layer
         self.batch_norm = batch_norm
@@ -100,9 +102,15 @@ class QuantizedLinear(QuantizedLayer):
         self.per_channel = per_channel
         self.weight_bits = weight_bits
         self.output_quantizer = self._activation_quantizer("output")
+        # A transposed conv without bias exports its activation as an op of
+        # its own: the tensor before it gets a fake-quant, as between the
+        # two ops of a separable convolution.
+        self.splits_activation = self.linear_op.splits_activation(
+            layer, batch_norm, activation
+        )
         self.intermediate_quantizer = (
             self._activation_quantizer("intermediate")
-            if len(self.linear_op.kernel_names) > 1
+            if len(self.linear_op.kernel_names) > 1 or self.splits_activation
             else None
         )
 
@@ -243,7 +251,8 @@ class QuantizedLinear(QuantizedLayer):
                 outputs = self._batch_norm_train(outputs, bias, bn_frozen)
             elif bias is not None:
                 outputs = self._add_channel_vector(outputs, bias)
-
+        if self.splits_activation:
+            outputs = quantize_intermediate(outputs)
         return self._finish(outputs, quantize, ranges_frozen, training, self.activation)
 
     def _batch_norm_train(self, outputs, folded_bias, bn_frozen):
