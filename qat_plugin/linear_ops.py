@@ -7,6 +7,7 @@ scale, so that the scales are the ones the TFLite kernel uses (per output
 channel for CONV_2D, FULLY_CONNECTED, DEPTHWISE_CONV_2D and TRANSPOSE_CONV).
 """
 
+import numpy as np
 from keras import ops
 
 from qat_plugin.errors import UnsupportedLayerError
@@ -72,6 +73,10 @@ class LinearOp:
     def splits_activation(self, layer, batch_norm, activation):
         """True when the TFLite op cannot fuse `activation`: it is an op of its own."""
         return False
+
+    def export_bias(self, bias, activation):
+        """The bias constant the export writes (NumPy)."""
+        return bias
 
     def apply(self, layer, inputs, kernels, quantize_intermediate):
         """Computes the op without bias and activation."""
@@ -169,6 +174,16 @@ class TransposedConvOp(LinearOp):
         # TRANSPOSE_CONV only through a bias add; without a bias (nor a
         # folded BatchNorm, which brings one) RELU stays an op of its own.
         return activation != "linear" and batch_norm is None and not layer.use_bias
+
+    def export_bias(self, bias, activation):
+        if activation == "linear" or np.any(bias != 0):
+            return bias
+        # The converter drops an all-zero bias add, and RELU with it stays
+        # unfused, float (measured). The smallest normal float32 on one
+        # channel keeps the add; it is an int32 zero in the .tflite.
+        bias = bias.copy()
+        bias.flat[-1] = np.finfo(np.float32).tiny
+        return bias
 
     def check(self, layer):
         # Measured (TF 2.21): a dilated or channels_first transposed conv

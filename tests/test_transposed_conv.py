@@ -171,16 +171,43 @@ def test_conv3d_transpose_stays_float_as_in_ptq():
 
 
 @pytest.mark.tf_only
-def test_dilated_transposed_conv_is_refused_naming_the_way_out():
-    model = upsampler((6, 6, 2), L.Conv2DTranspose(4, 3, dilation_rate=2,
-                                                   padding="same", name="dilated"))
-    x = images(8, (6, 6, 2))[0]
+@pytest.mark.parametrize(
+    "shape, kwargs, tf_op, reason",
+    [
+        ((6, 6, 2), {"dilation_rate": 2}, "Conv2DBackpropInput", r"dilation_rate \(2, 2\)"),
+        ((2, 6, 6), {"data_format": "channels_first"}, "DataFormatVecPermute",
+         "data_format 'channels_first'"),
+    ],
+)
+def test_transposed_conv_without_builtin_kernel_is_refused_naming_the_way_out(
+    shape, kwargs, tf_op, reason
+):
+    model = upsampler(shape, L.Conv2DTranspose(4, 3, padding="same", name="up", **kwargs))
+    x = images(8, shape)[0]
     # The converter's own PTQ fails on it too: no builtin kernel.
-    with pytest.raises(qat_plugin.ExportError, match="Conv2DBackpropInput"):
+    with pytest.raises(qat_plugin.ExportError, match=tf_op):
         qat_plugin.export_tflite(model, mode="int8", representative_data=x)
     with pytest.raises(qat_plugin.UnsupportedLayerError,
-                       match=r"'dilated'.*dilation_rate \(2, 2\).*skip=\['dilated'\]"):
+                       match=rf"'up'.*{reason}.*skip=\['up'\]"):
         qat_plugin.quantize_model(model)
+
+
+@pytest.mark.tf_only
+def test_an_all_zero_bias_still_fuses_the_relu_in_int8():
+    # A fresh layer's bias is all zeros: the converter would drop the bias
+    # add and leave RELU unfused and float; the export keeps the add.
+    model = upsampler((6, 6, 2), L.Conv2DTranspose(4, 3, strides=2, padding="same"), L.ReLU())
+    x = images(32, (6, 6, 2))[0]
+    qat = qat_plugin.quantize_model(model)
+    qat_plugin.calibrate(qat, x)
+    data = qat_plugin.export_tflite(qat)
+    report = qat_plugin.inspect_tflite(data)
+    assert report.is_fully_int8 and "RELU" not in report.op_counts
+    transpose_conv = next(op for op in report.ops if op.name == "TRANSPOSE_CONV")
+    bias = transpose_conv.inputs[3]
+    runner = qat_plugin.TFLiteModel(data, use_xnnpack=False)
+    assert bias.dtype == "int32" and not runner.interpreter.get_tensor(bias.index).any()
+    assert_parity(qat, data, x)
 
 
 def test_qat_model_round_trips_through_keras_file(tmp_path):

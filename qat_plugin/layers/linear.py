@@ -207,7 +207,9 @@ class QuantizedLinear(QuantizedLayer):
         bias = self._folded_bias()
         return {
             "kernels": [ops.convert_to_numpy(k) for k in kernels],
-            "bias": None if bias is None else ops.convert_to_numpy(bias),
+            "bias": None if bias is None else self.linear_op.export_bias(
+                ops.convert_to_numpy(bias), self.activation
+            ),
         }
 
     # -- forward ---------------------------------------------------------
