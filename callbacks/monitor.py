@@ -121,10 +121,8 @@ class QuantizationMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         figures = self.measure()
-        counts = nonfinite_batches(self.model)
-        warn_nonfinite(self.model, f"QuantizationMonitor, epoch {epoch + 1}",
-                       since=self._nonfinite)
-        self._nonfinite = counts
+        self._nonfinite = warn_nonfinite(
+            self.model, f"QuantizationMonitor, epoch {epoch + 1}", since=self._nonfinite)
         if logs is not None:
             logs.update(figures)
 

@@ -97,11 +97,14 @@ def nonfinite_batches(model):
 
 
 def warn_nonfinite(model, where, since=None):
-    """Warns, naming the layers, if observers skipped NaN/inf batches (since `since`)."""
+    """Warns, naming the layers, if observers skipped NaN/inf batches (since `since`).
+
+    Returns the totals (`nonfinite_batches(model)`), the next call's `since`.
+    """
     since = since or {}
+    totals = nonfinite_batches(model)
     counts = {name: count - since.get(name, 0)
-              for name, count in nonfinite_batches(model).items()
-              if count > since.get(name, 0)}
+              for name, count in totals.items() if count > since.get(name, 0)}
     if counts:
         warnings.warn(
             f"{where}: the activation range observers of model '{model.name}' "
@@ -111,7 +114,7 @@ def warn_nonfinite(model, where, since=None):
             "rate, or stop training on it with keras.callbacks.TerminateOnNaN.",
             stacklevel=3,
         )
-    return counts
+    return totals
 
 
 def _batches(data, streamed, specs, batch_size):
