@@ -11,7 +11,7 @@ from qat_plugin import registry
 from qat_plugin.layers import PrunedLayer
 from qat_plugin.linear_ops import ConvOp, DenseOp, DepthwiseConvOp, SeparableConvOp
 from qat_plugin.quantize import plan
-from qat_plugin.quantize.build import BUILDERS
+from qat_plugin.quantize.builders import BUILDERS
 from qat_plugin.registry import LayerQuantization, LayerSpec
 from qat_plugin.sparsity import ConstantSparsity
 

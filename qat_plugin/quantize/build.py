@@ -1,11 +1,10 @@
-"""Building the QAT model from a `Plan`: one builder function per policy.
+"""Building the QAT model from a `Plan`.
 
 `Builder.build()` walks the graph in order; every node that does not vanish
 (fused into its chain's head, folded, an alias) or stay float is built by
-`BUILDERS[policy]`, a function `(builder, node, spec, fusion)` that creates
-the node's quantized layer(s) once (shared layers stay shared), calls them
-on the new tensors and records their outputs. The weights are copied after
-the model is built, through each layer's planned weight transform.
+the builder function of its policy (`quantize.builders.BUILDERS`). The
+weights are copied after the model is built, through each layer's planned
+weight transform.
 """
 
 import inspect
@@ -14,27 +13,12 @@ import keras
 from keras import tree
 
 from qat_plugin import registry
-from qat_plugin.config.constants import FUSED_ACTIVATIONS
-from qat_plugin.layers import (
-    FakeQuant,
-    OperationLayer,
-    QuantizedAffine,
-    QuantizedBatchNormalization,
-    QuantizedCustomLayer,
-    QuantizedLinear,
-    QuantizedSwish,
-    QuantizeOutputWrapper,
-)
+from qat_plugin.layers import FakeQuant, OperationLayer, QuantizedSwish, QuantizeOutputWrapper
 from qat_plugin.layers.activation import GATED_ACTIVATIONS
 from qat_plugin.layers.operation import argument_template
+from qat_plugin.quantize.builders import BUILDERS, build_float
 from qat_plugin.quantize.qat_model import QATModel
-from qat_plugin.quantize.plan import average_divisor, averages, check_activation_bits
-from qat_plugin.quantize.weight_transforms import (
-    composed,
-    scaled_kernel,
-    scaled_weights,
-    shifted_bias,
-)
+from qat_plugin.quantize.plan import check_activation_bits
 from qat_plugin.quantizers import FIXED_RANGES
 
 
@@ -190,210 +174,3 @@ class Builder:
         return QuantizeOutputWrapper(
             layer, fixed_range=fixed_range, name=layer_name, **kwargs
         )
-
-
-# -- one builder function per policy ---------------------------------------
-
-
-def build_linear(builder, node, spec, fusion):
-    """Conv/Dense with its folded BatchNorm, folded constants, fused activation."""
-    plan = builder.plan
-    own_activation = registry.function_name(node.layer.activation)
-    split = own_activation not in FUSED_ACTIVATIONS
-    activation_name = "linear" if split else fusion.activation_name
-    tail = fusion.tail
-    scale = plan.scale_folds.get(id(node))
-    transform = None if scale is None else scaled_weights(scale)
-    if id(node) in plan.bias_folds:
-        constant, addition = plan.bias_folds[id(node)]
-        transform = shifted_bias(constant)
-        add_fusion = plan.fusions.get(id(addition))
-        if add_fusion is not None:
-            activation_name = add_fusion.activation_name
-            tail = add_fusion.tail
-        else:
-            tail = addition
-    if id(node) in plan.input_scale_folds:
-        input_scale, _ = plan.input_scale_folds[id(node)]
-        transform = composed(scaled_kernel(input_scale), transform)
-    layer = builder.layer_for(
-        id(node.layer),
-        lambda: QuantizedLinear(
-            builder.copy(node.layer, transform),
-            batch_norm=None
-            if fusion.batch_norm is None
-            else builder.copy(fusion.batch_norm.layer),
-            activation=activation_name,
-            per_channel=builder.scheme.per_channel,
-            weight_bits=builder.scheme.weight_bits,
-            name=node.name,
-            **builder.quantizer_kwargs(None if split else tail.outputs[0]),
-        ),
-    )
-    outputs = builder.call(layer, node)
-    if split:
-        wrapper = builder.layer_for(
-            ("activation", id(node.layer)),
-            lambda: builder.quantized_activation(
-                keras.layers.Activation(
-                    own_activation, name=f"{node.name}_activation"
-                ),
-                own_activation,
-                builder.unique(f"{node.name}_activation"),
-                tail.outputs[0],
-            ),
-        )
-        outputs = wrapper(outputs)
-    builder.tensors[tail.outputs[0]] = outputs
-
-
-def build_batch_norm(builder, node, spec, fusion):
-    """A BatchNormalization with nothing to fold into: MUL, ADD."""
-    layer = builder.layer_for(
-        id(node.layer),
-        lambda: QuantizedBatchNormalization(
-            builder.copy(node.layer),
-            activation=fusion.activation_name,
-            name=node.name,
-            **builder.quantizer_kwargs(fusion.tail.outputs[0]),
-        ),
-    )
-    builder.tensors[fusion.tail.outputs[0]] = builder.call(layer, node)
-
-
-def build_output(builder, node, spec, fusion):
-    """An op with one output fake-quant after its fused activation."""
-    activation = fusion.activation_name if fusion else "linear"
-    tail = fusion.tail if fusion else node
-    layer = builder.layer_for(
-        id(node.layer),
-        lambda: QuantizeOutputWrapper(
-            builder.copy_of(node),
-            activation=activation,
-            name=node.name,
-            **builder.quantizer_kwargs(tail.outputs[0]),
-        ),
-    )
-    builder.tensors[tail.outputs[0]] = builder.call(layer, node)
-
-
-def build_passthrough(builder, node, spec, fusion):
-    """An op keeping its input's scale; one that averages rounds to it."""
-    if not averages(node.layer):
-        layer = builder.layer_for(id(node.layer), lambda: builder.copy_of(node))
-        builder.store_outputs(node, builder.call(layer, node))
-        return
-    layer = builder.layer_for(
-        id(node.layer),
-        lambda: QuantizeOutputWrapper(
-            builder.copy_of(node),
-            average_divisor=average_divisor(
-                node.layer, builder.scheme.activation_bits
-            ),
-            name=node.name,
-            **builder.quantizer_kwargs(node.outputs[0]),
-        ),
-    )
-    builder.store_outputs(node, builder.call(layer, node))
-
-
-def build_activation(builder, node, spec, fusion):
-    """An activation not fused into the op before it."""
-    name = spec.activation_for(node.layer)
-    if name == "linear":
-        layer = builder.layer_for(id(node.layer), lambda: builder.copy_of(node))
-    else:
-        layer = builder.layer_for(
-            id(node.layer),
-            lambda: builder.quantized_activation(
-                builder.copy_of(node), name, node.name, node.outputs[0]
-            ),
-        )
-    builder.store_outputs(node, builder.call(layer, node))
-
-
-def build_affine(builder, node, spec, fusion):
-    """Rescaling / Normalization: MUL/ADD/SUB by constants, each fake-quantized."""
-    layer = builder.layer_for(
-        id(node.layer),
-        lambda: QuantizedAffine(
-            builder.copy(node.layer), name=node.name,
-            **builder.quantizer_kwargs(node.outputs[0]),
-        ),
-    )
-    builder.store_outputs(node, builder.call(layer, node))
-
-
-def build_scaled_add(builder, node, spec, fusion):
-    """`inputs[0] + inputs[1] * scale` as ADD, after a MUL unless folded."""
-    shortcut, residual = (builder.tensors[key] for key in node.inputs)
-    if id(node) not in builder.plan.folded_scales:
-        scale = builder.layer_for(
-            ("scale", id(node.layer)),
-            lambda: QuantizeOutputWrapper(
-                keras.layers.Rescaling(node.layer.scale),
-                name=builder.unique(f"{node.name}_scale"),
-                **builder.quantizer_kwargs(),
-            ),
-        )
-        residual = scale(residual)
-    add = builder.layer_for(
-        id(node.layer),
-        lambda: QuantizeOutputWrapper(
-            keras.layers.Add(),
-            activation=fusion.activation_name,
-            name=node.name,
-            **builder.quantizer_kwargs(fusion.tail.outputs[0]),
-        ),
-    )
-    builder.tensors[fusion.tail.outputs[0]] = add([shortcut, residual])
-
-
-def build_custom(builder, node, spec, fusion):
-    """A user's layer, quantized as its `LayerQuantization` declares."""
-    declared = spec.custom
-    layer = builder.layer_for(
-        id(node.layer),
-        lambda: QuantizedCustomLayer(
-            builder.copy(node.layer),
-            weights=declared.weights,
-            quantize_output=declared.has_output_quantizer,
-            fixed_output_range=declared.fixed_output_range,
-            weight_bits=builder.scheme.weight_bits,
-            name=node.name,
-            **builder.quantizer_kwargs(node.outputs[0]),
-        ),
-    )
-    builder.store_outputs(node, builder.call(layer, node))
-
-
-def build_float(builder, node, spec=None, fusion=None):
-    """A layer kept in float; its output is re-quantized where needed."""
-    layer = builder.layer_for(id(node.layer), lambda: builder.copy_of(node))
-    outputs = tree.flatten(builder.call(layer, node))
-    for key, value in zip(node.outputs, outputs):
-        readers = builder.graph.consumers.get(key, [])
-        needs_int8 = key in builder.graph.output_keys or any(
-            not builder.plan.is_float(reader) for reader in readers
-        )
-        if needs_int8 and "float" in str(value.dtype):
-            value = builder.layer_for(
-                ("float_exit", key),
-                lambda: builder.fake_quant(f"{node.name}_quantize", key),
-            )(value)
-        builder.tensors[key] = value
-
-
-BUILDERS = {
-    registry.LINEAR: build_linear,
-    registry.BATCH_NORM: build_batch_norm,
-    registry.OUTPUT: build_output,
-    registry.SHARED_SCALE: build_output,
-    registry.CHANNEL_SCALE: build_output,
-    registry.PASSTHROUGH: build_passthrough,
-    registry.ACTIVATION: build_activation,
-    registry.AFFINE: build_affine,
-    registry.SCALED_ADD: build_scaled_add,
-    registry.CUSTOM: build_custom,
-    registry.FLOAT: build_float,
-}
