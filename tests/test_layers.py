@@ -1,10 +1,13 @@
 """Quantized layers against NumPy references: BN folding, fusion, phases."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
+import qat_plugin
 from qat_plugin.layers import (
     FakeQuant,
     QuantizedBatchNormalization,
@@ -95,6 +98,34 @@ def test_before_quantize_start_only_observers_run():
     bias = bn.beta.numpy() + (dense.bias.numpy() - bn.moving_mean.numpy()) * c
     want = np.maximum(x @ (dense.kernel.numpy() * c) + bias, 0)  # no fake-quant at all
     np.testing.assert_allclose(ops.convert_to_numpy(layer(x, training=False)), want, atol=1e-5)
+
+
+def test_a_bias_folded_with_batch_norm_trains_through_beta_only():
+    # The batch statistics cancel the bias while BN trains; after the freeze
+    # beta shifts the output as the bias would: the bias is not trainable,
+    # so the optimizer gets no variable without a gradient.
+    layer, dense, bn = make_dense_bn()
+    assert not dense.bias.trainable
+    assert {id(v) for v in layer.trainable_weights} == {
+        id(dense.kernel), id(bn.gamma), id(bn.beta)}
+    # Without beta, the bias is the only shift once BN is frozen: it trains.
+    uncentered = QuantizedLinear(keras.layers.Dense(2), keras.layers.BatchNormalization(center=False))
+    uncentered.build((None, 3))
+    assert uncentered.layer.bias.trainable
+
+
+def test_a_batch_norm_model_fits_with_a_gradient_for_every_trainable_variable():
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(3, 3, use_bias=True)(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(x))
+    qat = qat_plugin.quantize_model(keras.Model(inputs, outputs))
+    qat.compile("sgd", "mse")
+    rng = np.random.default_rng(8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qat.fit(rng.random((8, 6, 6, 2), "float32"), rng.random((8, 2), "float32"), verbose=0)
+    assert not [w for w in caught if "Gradients do not exist" in str(w.message)]
 
 
 def test_depthwise_kernel_gets_one_scale_per_output_channel():
