@@ -12,6 +12,7 @@ import sys
 
 from qat_plugin.quiet import quiet_python_logs, status
 
+
 def _load_npz(path, argument):
     import numpy as np
 
@@ -146,6 +147,7 @@ def _compare(args):
         paths = report.save(args.output)
         print(f"wrote {', '.join(sorted(paths.values()))}", file=sys.stderr)
     if args.layerwise:
+        status("qat-plugin: layer-wise error of the int8 candidates ...")
         x = eval_data[0]
         for row in report.rows:
             if not (row.fully_int8 or row.mode == "int16x8"):

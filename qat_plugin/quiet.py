@@ -17,9 +17,12 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import warnings
 
 VERBOSE_ENV = "QAT_PLUGIN_VERBOSE"
+# Descriptor 2 is the process's: one thread at a time redirects it.
+_REDIRECT = threading.RLock()
 
 
 def is_verbose():
@@ -65,7 +68,8 @@ def converter_quiet():
     Python log records below ERROR from absl and TensorFlow and the
     converter's `UserWarning`s are dropped; what its C++ code writes to
     descriptor 2 goes to a temporary file, written back to stderr only if
-    the block raises, so a failed conversion keeps its details.
+    the block raises, so a failed conversion keeps its details. Threads
+    take turns (descriptor 2 belongs to the whole process).
 
     Examples:
         >>> with converter_quiet():
@@ -74,11 +78,11 @@ def converter_quiet():
     if is_verbose():
         yield
         return
-    loggers = [logging.getLogger(name) for name in ("absl", "tensorflow")]
-    levels = [logger.level for logger in loggers]
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured, warnings.catch_warnings():
+    with _REDIRECT, tempfile.TemporaryFile() as captured, warnings.catch_warnings():
+        loggers = [logging.getLogger(name) for name in ("absl", "tensorflow")]
+        levels = [logger.level for logger in loggers]
+        saved = os.dup(2)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorflow\..*")
         for logger in loggers:
             logger.setLevel(max(logger.level, logging.ERROR))

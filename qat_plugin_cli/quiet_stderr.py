@@ -67,7 +67,10 @@ class TensorFlowLogFilter:
 
     def __enter__(self):
         sys.stderr.flush()
-        self._saved = os.dup(2)
+        try:
+            self._saved = os.dup(2)
+        except OSError:  # No descriptor 2 (a detached process): nothing to filter.
+            return self
         read, write = os.pipe()
         os.dup2(write, 2)
         os.close(write)
@@ -77,6 +80,8 @@ class TensorFlowLogFilter:
         return self
 
     def __exit__(self, *exc):
+        if self._saved is None:
+            return False
         sys.stderr.flush()
         os.dup2(self._saved, 2)  # Closes this end of the pipe: the reader ends.
         # A child process still holding the pipe must not hold up the exit.

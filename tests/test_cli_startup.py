@@ -112,6 +112,27 @@ def test_the_stderr_filter_keeps_all_but_tensorflow_lines(capfd):
     assert capfd.readouterr().err == "kept line\nF0000 00:00:1.1 1 x.cc:1] fatal\nno newline"
 
 
+def test_converter_quiet_drops_the_logs_but_keeps_them_for_an_error(capfd, monkeypatch):
+    import logging
+    import warnings
+
+    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+    with quiet.converter_quiet():
+        os.write(2, b"fully_quantize: 0, inference_type: 6\n")
+        logging.getLogger("absl").warning("trackable_obj ... is deprecated")
+        warnings.warn_explicit("Statistics for quantized inputs were expected", UserWarning,
+                               "convert.py", 846, module="tensorflow.lite.python.convert")
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError), quiet.converter_quiet():
+        os.write(2, b"error: 'tfl.custom' op is neither a custom op nor a flex op\n")
+        raise RuntimeError("ConverterError")
+    assert "neither a custom op" in capfd.readouterr().err
+    monkeypatch.setenv(quiet.VERBOSE_ENV, "1")
+    with quiet.converter_quiet():
+        os.write(2, b"fully_quantize: 0\n")
+    assert capfd.readouterr().err == "fully_quantize: 0\n"
+
+
 # TensorFlow's and the converter's chatter, as measured before the fix.
 NOISE = ("cuInit", "oneDNN", "absl", "deprecated", "I0000", "Statistics for quantized",
          "fully_quantize", "Created TensorFlow Lite", "cpu_feature_guard")
