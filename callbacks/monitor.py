@@ -1,4 +1,10 @@
-"""`QuantizationMonitor`: per-epoch QAT health figures in the Keras logs."""
+"""`QuantizationMonitor`: per-epoch QAT health figures in the Keras logs.
+
+The figures go to every callback after the monitor and to `History`; the
+progress bar, which Keras always runs last, shows only `SUMMARY`: after
+the fit's `History` has recorded an epoch, the other figures leave that
+epoch's logs (an 11-layer model adds 28 of them, a 1,188-character line).
+"""
 
 import math
 
@@ -36,6 +42,61 @@ def sqnr_db(pairs):
     return 10.0 * math.log10(signal / noise)
 
 
+# The figures the progress bar shows; the rest go to the logs only.
+SUMMARY = ("qat_worst_sqnr_db", "qat_clip_fraction", "qat_quantizing", "qat_bn_frozen",
+           "qat_ranges_frozen")
+
+
+def hide_from_progress_bar(history):
+    """The set of log keys dropped after `history` records each epoch.
+
+    `fit` calls its callbacks in list order with one logs dict per epoch and
+    appends `History`, then the progress bar, at the end: keys put in the
+    set leave the logs between the two, so `History` (and every callback
+    before it) keeps them and the progress bar does not show them. The
+    filter stays until `restore_progress_bar(history)`.
+
+    Examples:
+        >>> import keras
+        >>> history = keras.callbacks.History()
+        >>> history.set_model(keras.Sequential([keras.Input((1,))]))
+        >>> history.on_train_begin()
+        >>> hide_from_progress_bar(history).add("detail")
+        >>> logs = {"loss": 1.0, "detail": 2.0}
+        >>> history.on_epoch_end(0, logs)
+        >>> logs, history.history
+        ({'loss': 1.0}, {'loss': [1.0], 'detail': [2.0]})
+        >>> restore_progress_bar(history)
+    """
+    installed = vars(history).get("on_epoch_end")
+    if installed is not None and hasattr(installed, "hidden"):
+        return installed.hidden
+    record = history.on_epoch_end
+    hidden = set()
+
+    def on_epoch_end(epoch, logs=None):
+        record(epoch, logs)
+        for key in hidden:
+            if logs is not None:
+                logs.pop(key, None)
+
+    on_epoch_end.hidden = hidden
+    history.on_epoch_end = on_epoch_end
+    return hidden
+
+
+def restore_progress_bar(history):
+    """Removes the filter of `hide_from_progress_bar(history)`, if any.
+
+    Examples:
+        >>> import keras
+        >>> restore_progress_bar(keras.callbacks.History())
+    """
+    installed = vars(history).get("on_epoch_end")
+    if installed is not None and hasattr(installed, "hidden"):
+        del history.on_epoch_end
+
+
 def sample_inputs(data, sample_size):
     """Returns the model inputs of the first `sample_size` samples of `data`.
 
@@ -56,9 +117,13 @@ def sample_inputs(data, sample_size):
 class QuantizationMonitor(keras.callbacks.Callback):
     """Adds per-epoch figures that help judge quantization-aware training.
 
-    At the end of each epoch it adds to `logs`, and so to the progress bar,
-    `History`, `CSVLogger` and `keras.callbacks.TensorBoard` (place it
-    before those in the callback list):
+    At the end of each epoch it adds to `logs`, and so to `History`,
+    `CSVLogger` and `keras.callbacks.TensorBoard` (place it before those in
+    the callback list), the figures below. The progress bar shows only the
+    summary (`SUMMARY`: worst SQNR, clip fraction and the phase flags); the
+    per-layer figures, `qat_step` and `qat_nonfinite_batches` are in the
+    logs and `History` only (they leave the logs after `History` records
+    the epoch, so `on_train_end` does not get them):
 
     - `qat_step`, `qat_quantizing`, `qat_bn_frozen`, `qat_ranges_frozen`:
       the schedule phase of the epoch's last step (flags are 0 or 1).
@@ -115,9 +180,13 @@ class QuantizationMonitor(keras.callbacks.Callback):
         self.per_layer = per_layer
         self.worst_sqnr_layer = None
         self._nonfinite = {}
+        self._hidden = set()
 
     def on_train_begin(self, logs=None):
         self._nonfinite = nonfinite_batches(self.model)
+        history = getattr(self.model, "history", None)
+        self._hidden = (hide_from_progress_bar(history)
+                        if isinstance(history, keras.callbacks.History) else set())
 
     def on_epoch_end(self, epoch, logs=None):
         figures = self.measure()
@@ -125,6 +194,12 @@ class QuantizationMonitor(keras.callbacks.Callback):
             self.model, f"QuantizationMonitor, epoch {epoch + 1}", since=self._nonfinite)
         if logs is not None:
             logs.update(figures)
+            self._hidden.update(key for key in figures if key not in SUMMARY)
+
+    def on_train_end(self, logs=None):
+        history = getattr(self.model, "history", None)
+        if isinstance(history, keras.callbacks.History):
+            restore_progress_bar(history)
 
     def measure(self):
         """Returns the figures as a dict of floats (see the class docstring)."""

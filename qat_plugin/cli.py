@@ -1,121 +1,16 @@
-"""The `qat-plugin` command: `compare`, `inspect`, `recipes` and `demo`.
+"""The `qat-plugin` commands that need the engine: `compare`, `inspect`, `demo`.
 
-Examples:
-
-    qat-plugin demo --output qat-demo --recipe int8-pruned-50
-    qat-plugin recipes
-    qat-plugin recipes show int8-mcu
-    qat-plugin compare float.keras --data eval.npz --calibration train.npz \\
-        --qat qat.keras --output report
-    qat-plugin inspect model.tflite
+The entry point is the light `qat_plugin_cli` package: it parses and checks
+the arguments and answers `--help` and `recipes` without importing
+TensorFlow, then calls `run(args)` here. `main(argv)` is that same entry
+point, kept for scripts installed before it moved.
 """
 
-import argparse
 import json
 import os
 import sys
 
-DATA_HELP = (
-    "a .npz file with arrays 'x' and 'y' (inputs and labels; for several "
-    "inputs 'x_<input name>' per input), or 'fashion_mnist' for the "
-    "built-in dataset's test split"
-)
-
-
-def positive_int(text):
-    """Parses a command-line count that must be a whole number of 1 or more.
-
-    argparse names the flag in its message: `argument --latency-runs: ...`.
-
-    Examples:
-        >>> positive_int("3")
-        3
-        >>> positive_int("0")
-        Traceback (most recent call last):
-        ...
-        argparse.ArgumentTypeError: must be 1 or more, got 0.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number of 1 or more, got {text!r}."
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}.")
-    return value
-
-
-def _parser():
-    parser = argparse.ArgumentParser(
-        prog="qat-plugin",
-        description="Quantization-aware training for Keras 3: compare QAT with "
-        "post-training quantization, inspect .tflite models, run the demo.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    compare = commands.add_parser(
-        "compare",
-        help="export PTQ baselines (and a QAT model) and measure them in LiteRT",
-    )
-    compare.add_argument("model", help="the float model (.keras)")
-    compare.add_argument("--data", required=True, help=f"evaluation data: {DATA_HELP}")
-    compare.add_argument(
-        "--calibration",
-        help="calibration inputs for int8/int16x8 (a .npz with 'x' or a .npy); "
-        "default: 'x_calibration' in --data, or the training split of "
-        "fashion_mnist",
-    )
-    compare.add_argument("--qat", help="a trained QAT model (.keras) to compare too")
-    compare.add_argument(
-        "--modes",
-        default="float,dynamic,float16,int8",
-        help="comma-separated PTQ modes: float, dynamic, float16, int8, int16x8 "
-        "(default: %(default)s)",
-    )
-    compare.add_argument("--output", help="folder for comparison.md/.json/.png and the .tflite files")
-    compare.add_argument("--layerwise", action="store_true",
-                         help="also print the layer-wise error of each int8 candidate")
-    compare.add_argument("--threads", type=positive_int, default=1,
-                         help="interpreter threads (default: 1)")
-    compare.add_argument("--latency-runs", type=positive_int, default=100,
-                         help="timed single-sample invokes, 1 or more (default: 100)")
-    compare.add_argument("--max-samples", type=positive_int,
-                         help="evaluate only the first N samples (N >= 1; default: all)")
-    compare.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-
-    inspect = commands.add_parser("inspect", help="print a .tflite model's ops and types")
-    inspect.add_argument("model", help="a .tflite file")
-    inspect.add_argument("--json", action="store_true",
-                         help="print op counts and float ops as JSON")
-    inspect.add_argument("--target", action="append", choices=("cpu", "gpu", "mcu"),
-                         help="check a deployment target (repeatable)")
-    inspect.add_argument("--arena", type=positive_int, metavar="BYTES",
-                         help="the tensor arena of the microcontroller: checks target mcu "
-                              "against it (exit status 1 when the model needs more)")
-
-    recipes = commands.add_parser(
-        "recipes", help="list the built-in QAT recipes, or show one with its documentation"
-    )
-    recipes.add_argument("action", nargs="?", choices=("list", "show"), default="list")
-    recipes.add_argument("name", nargs="?", help="the recipe to show")
-
-    demo = commands.add_parser(
-        "demo",
-        help="train a small MobileNet-style model on Fashion-MNIST, run QAT and "
-        "compare it with PTQ",
-    )
-    demo.add_argument("--output", default="qat-demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--recipe", default="int8",
-                      help="QAT recipe: a built-in name or a TOML file (default: %(default)s)")
-    demo.add_argument("--epochs", type=int, default=2, help="float epochs (default: %(default)s)")
-    demo.add_argument("--qat-epochs", type=int, default=1, help="QAT epochs (default: %(default)s)")
-    demo.add_argument("--train-samples", type=positive_int,
-                      help="use only N training images (quick try; too few steps "
-                      "leave BatchNorm unsettled)")
-    demo.add_argument("--eval-samples", type=positive_int, help="evaluate on N test images")
-    demo.add_argument("--seed", type=int, default=0)
-    return parser
+from qat_plugin.quiet import quiet_python_logs, status
 
 
 def _load_npz(path, argument):
@@ -234,14 +129,16 @@ def _compare(args):
 
     model = load_keras_model(args.model, "model")
     qat_model = load_keras_model(args.qat, "--qat") if args.qat else None
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     eval_data, calibration = _compare_data(args, model)
+    status(f"qat-plugin: exporting {', '.join(args.modes)}"
+           f"{' and the QAT model' if qat_model is not None else ''} and measuring "
+           "them in the LiteRT interpreter ...")
     report = qat_plugin.analysis.compare(
         model,
         qat_model,
         eval_data=eval_data,
         representative_data=calibration,
-        modes=modes,
+        modes=args.modes,
         num_threads=args.threads,
         latency_runs=args.latency_runs,
     )
@@ -250,6 +147,7 @@ def _compare(args):
         paths = report.save(args.output)
         print(f"wrote {', '.join(sorted(paths.values()))}", file=sys.stderr)
     if args.layerwise:
+        status("qat-plugin: layer-wise error of the int8 candidates ...")
         x = eval_data[0]
         for row in report.rows:
             if not (row.fully_int8 or row.mode == "int16x8"):
@@ -293,30 +191,6 @@ def _inspect(args):
     return 1 if args.arena and not report.target("mcu").compatible else 0
 
 
-def _recipes(args):
-    from qat_plugin import recipes
-
-    if args.action == "show":
-        if not args.name:
-            raise ValueError(
-                f"recipes show needs a NAME: one of {', '.join(recipes.names())}."
-            )
-        path = recipes.path_of(args.name)
-        recipes.get(args.name)  # Validated before it is shown.
-        with open(path, encoding="utf-8") as f:
-            print(f.read(), end="")
-        return 0
-    if args.name:
-        raise ValueError("recipes takes a NAME only with show: qat-plugin recipes show NAME.")
-    rows = [recipes.get(name) for name in recipes.names()]
-    width = max(len(r.name) for r in rows)
-    print(f"{'recipe':{width}s}  {'target':6s}  description")
-    for r in rows:
-        print(f"{r.name:{width}s}  {r.export.target:6s}  {r.description}")
-    print("\n`qat-plugin recipes show NAME` prints a recipe with its documentation.")
-    return 0
-
-
 def _demo(args):
     from qat_plugin.demo import run_demo
 
@@ -332,34 +206,37 @@ def _demo(args):
     return 0
 
 
-def _quiet_converter_logs():
-    """Keeps the converter's Python-side deprecation chatter out of the output."""
-    import warnings
+def run(args):
+    """Runs a parsed and checked `compare`, `inspect` or `demo`; the exit status.
 
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorflow\..*")
-
-
-def main(argv=None):
-    """Runs the `qat-plugin` command; returns the exit status.
+    `args` comes from `qat_plugin_cli.arguments` (`build_parser`, `check`).
 
     Examples:
-        >>> main(["inspect", "/nonexistent.tflite"])  # the error goes to stderr
+        >>> from qat_plugin_cli.arguments import build_parser
+        >>> run(build_parser().parse_args(["inspect", "/nonexistent.tflite"]))
         1
     """
     from qat_plugin.errors import ExportError, QATError
 
-    args = _parser().parse_args(argv)
-    _quiet_converter_logs()
-    handlers = {"compare": _compare, "inspect": _inspect, "recipes": _recipes,
-                "demo": _demo}
+    quiet_python_logs()
+    handlers = {"compare": _compare, "inspect": _inspect, "demo": _demo}
     try:
         return handlers[args.command](args)
     except (QATError, ValueError, ExportError, OSError) as e:
         print(f"qat-plugin: error: {e}", file=sys.stderr)
         return 1
+
+
+def main(argv=None):
+    """The `qat-plugin` command (`qat_plugin_cli.main`); returns the exit status.
+
+    Examples:
+        >>> main(["inspect", "/nonexistent.tflite"])  # the error goes to stderr
+        1
+    """
+    from qat_plugin_cli import main as entry_point
+
+    return entry_point(argv)
 
 
 if __name__ == "__main__":

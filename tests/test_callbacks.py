@@ -387,6 +387,35 @@ def test_monitor_without_data_logs_weights_and_phase_only():
                     "qat_step", "qat_worst_sqnr_db"]
 
 
+def test_monitor_shows_a_summary_in_the_progress_bar_and_keeps_the_rest_in_the_logs(
+        tmp_path, capsys):
+    from qat_plugin.callbacks.monitor import SUMMARY
+
+    x, y = data()
+    model = qat_model()
+    seen = {}
+    recorder = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.update(logs))
+    # A CSVLogger (or keras.callbacks.TensorBoard, not installed here) after
+    # the monitor gets the same logs as the recorder.
+    csv = keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=2,
+                        callbacks=[QuantizationMonitor(data=x), recorder, csv])
+    bar = capsys.readouterr().out
+    per_layer = ("qat_sqnr_db/logits", "qat_sqnr_db/conv", "qat_clip_fraction/pixels_quantize")
+    # The progress bar: the loss and the summary, none of the per-layer figures.
+    assert all(f"{key}:" in bar for key in SUMMARY), bar
+    assert "qat_sqnr_db/" not in bar and "qat_clip_fraction/" not in bar, bar
+    assert "qat_step" not in bar and "qat_nonfinite_batches" not in bar, bar
+    # History, and the callbacks after the monitor, get every figure.
+    for key in (*SUMMARY, *per_layer, "qat_step", "qat_nonfinite_batches"):
+        assert len(history.history[key]) == 2, key
+        assert key in seen, key
+    columns = (tmp_path / "log.csv").read_text().splitlines()[0].split(",")
+    assert set(per_layer) <= set(columns), columns
+    # The filter lasts for the fit only.
+    assert "on_epoch_end" not in vars(history)
+
+
 def interpreter_accuracy(path, x, y):
     predictions = qat_plugin.TFLiteModel(path).predict(x)
     return float(np.mean(predictions.argmax(1) == y))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import qat_plugin
-from qat_plugin.cli import main
+from qat_plugin_cli import main
 from tests.conftest import images
 
 L = keras.layers

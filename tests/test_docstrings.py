@@ -2,7 +2,8 @@
 
 The modules are imported by their package names (`qat_plugin.callbacks.*`
 lives in `callbacks/`), so the examples run against the installed package
-exactly as a user's would.
+exactly as a user's would; `qat_plugin_cli`, the light entry point of the
+`qat-plugin` command, is checked with them.
 """
 
 import doctest
@@ -12,17 +13,18 @@ import pkgutil
 import pytest
 
 import qat_plugin
+import qat_plugin_cli
 
 
 def _module_names():
     names = []
-    for package in (qat_plugin, qat_plugin.callbacks, qat_plugin.recipes):
+    for package in (qat_plugin, qat_plugin.callbacks, qat_plugin.recipes, qat_plugin_cli):
         names.append(package.__name__)
         names += [
             info.name
             for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
         ]
-    return sorted(set(names) - {"qat_plugin.__main__"})
+    return sorted(set(names) - {"qat_plugin.__main__", "qat_plugin_cli.__main__"})
 
 
 MODULES = _module_names()

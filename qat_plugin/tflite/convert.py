@@ -10,6 +10,7 @@ from keras import tree
 
 from qat_plugin.data.batches import calibration_samples, model_call_inputs
 from qat_plugin.files import write_bytes_atomic
+from qat_plugin.quiet import converter_quiet
 from qat_plugin.distribution import is_primary_process
 from qat_plugin.layers.base import export_mode, is_quantized, quantized_layers
 from qat_plugin.quantize.calibration import check_observed
@@ -257,7 +258,8 @@ def _converted(converter, model, allow_select_tf_ops):
             converter.target_spec.supported_ops or [tf.lite.OpsSet.TFLITE_BUILTINS]
         ) + [tf.lite.OpsSet.SELECT_TF_OPS]
     try:
-        data = converter.convert()
+        with converter_quiet():
+            data = converter.convert()
     except Exception as error:  # The converter raises its own ConverterError.
         friendly = _select_tf_ops_error(model, error)
         if friendly is None:
@@ -291,7 +293,8 @@ def _convert_qat(model, sparse_weights=False, allow_select_tf_ops=False):
         layer.prepare_export()
     with export_mode():
         function = _frozen_function(model)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
+    with converter_quiet():
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if sparse_weights:
         converter.optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
@@ -351,7 +354,9 @@ def float_converter(model, mode, representative_data=None, calibration_steps=200
                 "representative_data (samples of the model's inputs)."
             )
         samples = calibration_samples(model, representative_data, calibration_steps)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([_frozen_function(model)])
+    function = _frozen_function(model)
+    with converter_quiet():
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
     if mode == "float":
         return converter
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
