@@ -49,6 +49,10 @@ The policies, following the TFLite 8-bit specification:
 - `CHANNEL_SCALE`: a per-channel scale by a weight (ConvNeXt's LayerScale):
   folded into the convolution/Dense before it where it can, otherwise a MUL
   with its own output scale.
+- `RECURRENT`: LSTM, GRU, SimpleRNN (and Bidirectional of them): unrolled
+  over the input's fixed sequence length into int8 FULLY_CONNECTED, ADD,
+  MUL, LOGISTIC, TANH ops; a fake-quant at each of those outputs
+  (`layers.recurrent`).
 - `FLOAT`: no int8 lowering worth having (LayerNormalization: the
   converter's own PTQ leaves a float NEG in it too); kept in float like a
   `skip=` layer, with QUANTIZE/DEQUANTIZE around it.
@@ -70,12 +74,13 @@ ACTIVATION = "activation"
 AFFINE = "affine"
 SCALED_ADD = "scaled_add"
 CHANNEL_SCALE = "channel_scale"
+RECURRENT = "recurrent"
 FLOAT = "float"
 CUSTOM = "custom"
 
 POLICIES = (
     LINEAR, OUTPUT, SHARED_SCALE, PASSTHROUGH, BATCH_NORM, ACTIVATION, AFFINE,
-    SCALED_ADD, CHANNEL_SCALE, FLOAT, CUSTOM,
+    SCALED_ADD, CHANNEL_SCALE, RECURRENT, FLOAT, CUSTOM,
 )
 # The policies `register_layer` takes by name.
 REGISTRABLE_POLICIES = (PASSTHROUGH, OUTPUT, SHARED_SCALE, FLOAT)

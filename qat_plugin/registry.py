@@ -23,14 +23,14 @@ from keras.src.ops import numpy as numpy_ops
 
 from qat_plugin.layer_spec import (
     ACTIVATION, AFFINE, BATCH_NORM, CHANNEL_SCALE, CUSTOM, FLOAT, LINEAR, OUTPUT,
-    PASSTHROUGH, POLICIES, REGISTRABLE_POLICIES, SCALED_ADD, SHARED_SCALE,
-    LayerQuantization, LayerSpec, function_name,
+    PASSTHROUGH, POLICIES, RECURRENT, REGISTRABLE_POLICIES, SCALED_ADD,
+    SHARED_SCALE, LayerQuantization, LayerSpec, function_name,
 )
 from qat_plugin.linear_ops import ConvOp, DenseOp, DepthwiseConvOp, SeparableConvOp, TransposedConvOp
 
 __all__ = [
     "ACTIVATION", "AFFINE", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "FLOAT",
-    "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "REGISTRABLE_POLICIES",
+    "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "RECURRENT", "REGISTRABLE_POLICIES",
     "SCALED_ADD", "SHARED_SCALE", "LayerQuantization", "LayerSpec",
     "function_name", "register_layer", "spec_for", "policy_for",
     "linear_op_for", "linear_class_names", "activation_name",
@@ -98,6 +98,9 @@ _ROWS = {
     _L.Rescaling: LayerSpec(AFFINE),
     _L.Normalization: LayerSpec(AFFINE),
     **_rows((_L.LayerNormalization, _L.Conv3DTranspose), policy=FLOAT),
+    # Unrolled over a fixed sequence length into int8 FULLY_CONNECTED, ADD,
+    # MUL, LOGISTIC and TANH ops.
+    **_rows((_L.LSTM, _L.GRU, _L.SimpleRNN, _L.Bidirectional), policy=RECURRENT),
     **_rows((_L.Concatenate, _L.Maximum, _L.Minimum, numpy_ops.Concatenate,
              numpy_ops.Maximum, numpy_ops.Minimum), policy=SHARED_SCALE),
     **_rows((_L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D),

@@ -10,6 +10,7 @@ from qat_plugin.layers.linear import QuantizedLinear
 from qat_plugin.layers.operation import OperationLayer
 from qat_plugin.layers.output_wrapper import QuantizeOutputWrapper
 from qat_plugin.layers.pruned import PrunedLayer
+from qat_plugin.layers.recurrent import QuantizedRecurrent
 
 __all__ = [
     "FakeQuant",
@@ -21,5 +22,6 @@ __all__ = [
     "QuantizedSwish",
     "QuantizedLayer",
     "QuantizedLinear",
+    "QuantizedRecurrent",
     "QuantizeOutputWrapper",
 ]

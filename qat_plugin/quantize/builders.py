@@ -18,8 +18,10 @@ from qat_plugin.layers import (
     QuantizedBatchNormalization,
     QuantizedCustomLayer,
     QuantizedLinear,
+    QuantizedRecurrent,
     QuantizeOutputWrapper,
 )
+from qat_plugin.errors import UnsupportedLayerError
 from qat_plugin.quantize.plan import average_divisor, averages
 from qat_plugin.quantize.weight_transforms import (
     composed,
@@ -201,6 +203,39 @@ def build_custom(builder, node, spec, fusion):
     builder.store_outputs(node, builder.call(layer, node))
 
 
+def check_recurrent_inputs(graph, skip=()):
+    """Refuses a recurrent layer called with a mask or initial states.
+
+    Runs before the other checks: a mask's own ops (Masking's NOT_EQUAL)
+    would otherwise be reported as layers without a policy.
+    """
+    for node in graph.nodes:
+        if node.name in skip or registry.policy_for(node.layer) != registry.RECURRENT:
+            continue
+        if node.arguments.kwargs.get("mask") is not None or len(node.inputs) > 1:
+            raise UnsupportedLayerError(
+                f"Layer '{node.name}' ({type(node.layer).__name__}) gets a mask "
+                "or initial states; its int8 export runs every time step from "
+                "zero states. Remove the Masking layer (or mask_zero=True) and "
+                "the initial_state argument, or keep the layer in float with "
+                f"quantize_model(..., skip=['{node.name}'])."
+            )
+
+
+def build_recurrent(builder, node, spec, fusion):
+    """An LSTM, GRU, SimpleRNN or Bidirectional, unrolled into int8 ops."""
+    layer = builder.layer_for(
+        id(node.layer),
+        lambda: QuantizedRecurrent(
+            builder.copy(node.layer),
+            weight_bits=builder.scheme.weight_bits,
+            name=node.name,
+            **builder.quantizer_kwargs(),
+        ),
+    )
+    builder.store_outputs(node, builder.call(layer, node))
+
+
 def build_float(builder, node, spec=None, fusion=None):
     """A layer kept in float; its output is re-quantized where needed."""
     layer = builder.layer_for(id(node.layer), lambda: builder.copy_of(node))
@@ -229,5 +264,6 @@ BUILDERS = {
     registry.AFFINE: build_affine,
     registry.SCALED_ADD: build_scaled_add,
     registry.CUSTOM: build_custom,
+    registry.RECURRENT: build_recurrent,
     registry.FLOAT: build_float,
 }

@@ -11,6 +11,7 @@ from qat_plugin.errors import RecipeError, UnsupportedLayerError, UnsupportedMod
 from qat_plugin.layers.base import QuantizedLayer
 from qat_plugin.layers.pruned import PrunedLayer
 from qat_plugin.quantize.build import Builder
+from qat_plugin.quantize.builders import check_recurrent_inputs
 from qat_plugin.quantize.graph import LayerGraph
 from qat_plugin.quantize.plan import make_plan
 
@@ -87,6 +88,7 @@ def quantize_model(model, recipe="int8", *, skip=()):
             f"skip names layers that are not in model '{model.name}': "
             f"{unknown}. Layer names: {sorted(known)}."
         )
+    check_recurrent_inputs(graph, skip)
     _check_registered(graph, skip)
     with _float32_policy():
         return Builder(make_plan(graph, skip), config.quantization).build()

@@ -18,6 +18,7 @@ from qat_plugin.quantize.qat_model import set_litert_exporter
 from qat_plugin.tflite.io_names import with_keras_io_names
 from qat_plugin.tflite.tensorflow_process import run_on_tensorflow
 from qat_plugin.tflite.targets import check_target
+from qat_plugin.tflite.unrolled import with_unrolled_rnns
 from qat_plugin.tflite.weights import retouched_weights
 from qat_plugin.config.constants import CALIBRATED_MODES, MODES, TARGETS
 from qat_plugin.errors import ExportError
@@ -354,7 +355,8 @@ def float_converter(model, mode, representative_data=None, calibration_steps=200
                 "representative_data (samples of the model's inputs)."
             )
         samples = calibration_samples(model, representative_data, calibration_steps)
-    function = _frozen_function(model)
+    # Recurrent layers convert unrolled (`tflite.unrolled`); others as they are.
+    function = _frozen_function(with_unrolled_rnns(model))
     with converter_quiet():
         converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
     if mode == "float":
