@@ -168,20 +168,42 @@ def _check_float(model, graph):
 
 
 def _check_registered(graph, skip):
+    """Raises one `UnsupportedLayerError` naming every layer with no policy.
+
+    A layer is named once (a shared layer or op has several calls); the
+    message gives each one's class, where a `keras.ops` call's class lives
+    (only under `keras.src.ops`), and the one `skip=` list that gets past
+    them all.
+    """
+    missing = {}
     for node in graph.nodes:
         if node.name in skip or registry.policy_for(node.layer) is not None:
             continue
-        layer = node.layer
-        kind = (
-            "a keras.ops call recorded by the Functional API"
-            if not isinstance(layer, keras.layers.Layer)
-            else f"class {type(layer).__module__}.{type(layer).__name__}"
-        )
-        raise UnsupportedLayerError(
-            f"Layer '{layer.name}' ({kind}) has no quantization policy. Keep "
-            f"it in float with quantize_model(..., skip=['{layer.name}']), or "
-            f"declare how it quantizes with qat_plugin.register_layer("
-            f"{type(layer).__name__}, policy) where policy is a "
-            "qat_plugin.LayerQuantization(weights=..., ...) or one of "
-            "'passthrough', 'output', 'shared_scale', 'float'."
-        )
+        missing.setdefault(node.name, node.layer)
+    if not missing:
+        return
+    lines = []
+    for name, layer in missing.items():
+        cls = type(layer)
+        where = f"{cls.__module__}.{cls.__name__}"
+        if isinstance(layer, keras.layers.Layer):
+            lines.append(f"  - '{name}': class {where}")
+        else:
+            lines.append(
+                f"  - '{name}': a keras.ops call recorded by the Functional API, "
+                f"operation class {where} (it exists only there: "
+                f"`from {cls.__module__} import {cls.__name__}` for "
+                "register_layer)"
+            )
+    names = list(missing)
+    classes = sorted({type(layer).__name__ for layer in missing.values()})
+    raise UnsupportedLayerError(
+        f"{len(names)} layer{'s' if len(names) > 1 else ''} of model "
+        f"'{graph.name}' {'have' if len(names) > 1 else 'has'} no quantization "
+        "policy:\n" + "\n".join(lines) + "\nKeep them in float with "
+        f"quantize_model(..., skip={names!r}), or declare how each class "
+        f"({', '.join(classes)}) quantizes with "
+        "qat_plugin.register_layer(cls, policy) where policy is a "
+        "qat_plugin.LayerQuantization(weights=..., ...) or one of "
+        "'passthrough', 'output', 'shared_scale', 'float'."
+    )
