@@ -49,6 +49,8 @@ The policies, following the TFLite 8-bit specification:
 - `CHANNEL_SCALE`: a per-channel scale by a weight (ConvNeXt's LayerScale):
   folded into the convolution/Dense before it where it can, otherwise a MUL
   with its own output scale.
+- `PRELU`: PReLU, one PRELU op: its alpha int8 with one scale for the
+  tensor (as the converter writes it), an output scale of its own.
 - `FLOAT`: no int8 lowering worth having (LayerNormalization: the
   converter's own PTQ leaves a float NEG in it too); kept in float like a
   `skip=` layer, with QUANTIZE/DEQUANTIZE around it.
@@ -70,12 +72,13 @@ ACTIVATION = "activation"
 AFFINE = "affine"
 SCALED_ADD = "scaled_add"
 CHANNEL_SCALE = "channel_scale"
+PRELU = "prelu"
 FLOAT = "float"
 CUSTOM = "custom"
 
 POLICIES = (
     LINEAR, OUTPUT, SHARED_SCALE, PASSTHROUGH, BATCH_NORM, ACTIVATION, AFFINE,
-    SCALED_ADD, CHANNEL_SCALE, FLOAT, CUSTOM,
+    SCALED_ADD, CHANNEL_SCALE, PRELU, FLOAT, CUSTOM,
 )
 # The policies `register_layer` takes by name.
 REGISTRABLE_POLICIES = (PASSTHROUGH, OUTPUT, SHARED_SCALE, FLOAT)

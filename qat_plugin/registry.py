@@ -24,14 +24,14 @@ from keras.src.ops import numpy as numpy_ops
 
 from qat_plugin.layer_spec import (
     ACTIVATION, AFFINE, BATCH_NORM, CHANNEL_SCALE, CUSTOM, FLOAT, LINEAR, OUTPUT,
-    PASSTHROUGH, POLICIES, REGISTRABLE_POLICIES, SCALED_ADD, SHARED_SCALE,
+    PASSTHROUGH, POLICIES, PRELU, REGISTRABLE_POLICIES, SCALED_ADD, SHARED_SCALE,
     LayerQuantization, LayerSpec, function_name,
 )
 from qat_plugin.linear_ops import ConvOp, DenseOp, DepthwiseConvOp, SeparableConvOp, TransposedConvOp
 
 __all__ = [
     "ACTIVATION", "AFFINE", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "FLOAT",
-    "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "REGISTRABLE_POLICIES",
+    "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "PRELU", "REGISTRABLE_POLICIES",
     "SCALED_ADD", "SHARED_SCALE", "LayerQuantization", "LayerSpec",
     "function_name", "register_layer", "spec_for", "policy_for",
     "linear_op_for", "linear_class_names", "activation_name",
@@ -52,11 +52,6 @@ def _softmax_name(layer):
 
 def _bilinear(layer):
     return layer.interpolation != "nearest"
-
-
-def _prelu():
-    # PRELU: int8 alpha with one scale per channel (the last axis).
-    return LayerSpec(CUSTOM, custom=LayerQuantization(weights={"alpha": -1}))
 
 
 def _rows(classes, **spec):
@@ -101,12 +96,14 @@ _ROWS = {
     **_rows((_L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D,
              _L.GlobalAveragePooling3D, numpy_ops.Mean, numpy_ops.Sum,
              numpy_ops.Prod), policy=OUTPUT),
-    _L.PReLU: _prelu(),
+    _L.PReLU: LayerSpec(PRELU),
     CustomScaleLayer: LayerSpec(SCALED_ADD, fuses_activation=True),
     LayerScale: LayerSpec(CHANNEL_SCALE),
     _L.Rescaling: LayerSpec(AFFINE),
     _L.Normalization: LayerSpec(AFFINE),
-    **_rows((_L.LayerNormalization, _L.Conv3DTranspose), policy=FLOAT),
+    # A Lambda whose function traces into keras.ops with rows is inlined as
+    # those ops (`quantize.graph`); one that does not stays float.
+    **_rows((_L.LayerNormalization, _L.Conv3DTranspose, _L.Lambda), policy=FLOAT),
     **_rows((_L.Concatenate, _L.Maximum, _L.Minimum, numpy_ops.Concatenate,
              numpy_ops.Maximum, numpy_ops.Minimum), policy=SHARED_SCALE),
     **_rows((_L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D),

@@ -69,10 +69,6 @@ def quantize_model(model, recipe="int8", *, skip=()):
         ['FakeQuant', 'QuantizedLinear', 'QuantizeOutputWrapper', 'QuantizedLinear']
     """
     config = resolve(recipe)
-    graph = LayerGraph.from_model(model)
-    _check_float(model, graph)
-    _check_sizes(model, graph)
-    _check_pruned(model, graph, config)
     # One name is a name, not a sequence of one-letter names.
     try:
         skip = {skip} if isinstance(skip, str) else set(skip)
@@ -80,6 +76,10 @@ def quantize_model(model, recipe="int8", *, skip=()):
         raise TypeError(
             f"skip must be a layer name or a list of layer names, got {skip!r}."
         ) from None
+    graph = LayerGraph.from_model(model, keep=skip)
+    _check_float(model, graph)
+    _check_sizes(model, graph)
+    _check_pruned(model, graph, config)
     known = {node.name for node in graph.nodes}
     unknown = sorted(skip - known, key=repr)
     if unknown:
@@ -200,7 +200,7 @@ def _check_registered(graph, skip):
     raise UnsupportedLayerError(
         f"{len(names)} layer{'s' if len(names) > 1 else ''} of model "
         f"'{graph.name}' {'have' if len(names) > 1 else 'has'} no quantization "
-        "policy:\n" + "\n".join(lines) + "\nKeep them in float with "
+        "policy:\n" + "\n".join(lines) + f"\nKeep {'them' if len(names) > 1 else 'it'} in float with "
         f"quantize_model(..., skip={names!r}), or declare how each class "
         f"({', '.join(classes)}) quantizes with "
         "qat_plugin.register_layer(cls, policy) where policy is a "
