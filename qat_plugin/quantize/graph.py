@@ -161,6 +161,15 @@ def traced_lambda(layer, arguments):
     The function runs on symbolic inputs shaped like the call's
     (`arguments`, a Keras node's); the graph is returned only where every
     operation it records has a registry row.
+
+    Examples:
+        >>> import keras
+        >>> x = keras.Input((4,))
+        >>> y = keras.layers.Lambda(lambda t: keras.ops.relu(t) * 2.0)(x)
+        >>> node = y._keras_history.operation._inbound_nodes[0]
+        >>> traced = traced_lambda(node.operation, node.arguments)
+        >>> [type(op).__name__ for op in traced.operations][1:]
+        ['Relu', 'Multiply']
     """
     tensors = arguments.keras_tensors
     inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in tensors]
