@@ -49,7 +49,11 @@ def quantize_model(model, recipe="int8", *, skip=()):
             another skipped layer; a lone skipped op between two int8
             tensors the converter still quantizes on its own (with
             post-training weight scales). `inspect_tflite(...).float_ops`
-            lists what stays float.
+            lists what stays float. A skipped layer without weights is
+            the float model's layer itself (never rebuilt from its
+            config, so a Lambda or a layer whose `from_config` fails can
+            be skipped); one with weights is a copy with its weights. A
+            Lambda named here is kept float, not traced into its ops.
 
     Returns:
         A new Functional `keras.Model`.
