@@ -191,3 +191,10 @@ def test_select_tf_ops_export_with_variant_tensors_reports_sizes():
     assert variants and all(graph.nbytes(i) == 0 for i in variants)
     assert arena_plan(data).weight_bytes > 0
     assert check_target(data, "cpu", allow_select_tf_ops=True).compatible
+    # inspect_tflite reads it too (its weights from the file: LiteRT
+    # allocates Select TF ops only with the Flex delegate).
+    report = qat_plugin.inspect_tflite(data)
+    assert "FlexTensorListReserve" in [op.name for op in report.ops]
+    [dense] = report.weights
+    assert dense.op == "FULLY_CONNECTED" and dense.tensor.dtype == "int8"
+    assert dense.values.shape == (2, 4) and np.any(dense.values != 0)
