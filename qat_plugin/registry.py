@@ -10,7 +10,8 @@ graph nodes; their operation classes (from `keras.src.ops`) have rows here
 the same way and are rebuilt as `OperationLayer`s.
 
 Adding a layer kind is one row in `_ROWS`, plus one builder function in
-`quantize.build` only when it needs a new policy.
+`quantize.builders` (and a name in `layer_spec.POLICIES`) only when it
+needs a new policy.
 """
 
 import dataclasses
