@@ -18,6 +18,10 @@ Random weights: the outputs are logits (`classifier_activation=None`) of a
 ties of a near-uniform softmax. tfmot 0.8.1 (Keras 2) on the same families
 is given beside the table (measured earlier, see the README).
 
+Models beyond keras.applications (an autoencoder, a U-Net, keras-hub's
+CSPDarkNet, a Conv1D audio net, PReLU / Resizing / bilinear UpSampling2D /
+Lambda nets) come from coverage_models.py, with their own heads.
+
 Usage:
     python benchmarks/coverage.py                       # every model
     python benchmarks/coverage.py MobileNetV3Small ResNet50V2 --size 96
@@ -40,6 +44,7 @@ import numpy as np  # noqa: E402
 
 import qat_plugin  # noqa: E402
 from qat_plugin.data.datasets import fashion_mnist  # noqa: E402
+import coverage_models  # noqa: E402
 from _results import write_results  # noqa: E402
 
 A = keras.applications
@@ -55,7 +60,8 @@ _VARIANTS = {
 _SMALLEST = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
 
 # name: (constructor, smallest input side it accepts, extra arguments):
-# every keras.applications architecture, plus the variants above.
+# every keras.applications architecture, the variants above, and the models
+# of coverage_models.py (extra arguments None: a builder taking the side).
 MODELS = {
     **{
         name: (getattr(A, name), _SMALLEST.get(name, 32), {})
@@ -65,6 +71,7 @@ MODELS = {
         name: (constructor, 32, extra)
         for name, (constructor, extra) in _VARIANTS.items()
     },
+    **{name: (builder, 32, None) for name, builder in coverage_models.MODELS.items()},
 }
 
 
@@ -90,6 +97,8 @@ TFMOT = {
 def build(name, size, include_top):
     constructor, smallest, extra = MODELS[name]
     side = max(size, smallest)
+    if extra is None:  # coverage_models.py: its own head.
+        return constructor(side)
     arguments = dict(weights=None, input_shape=(side, side, 3), **extra)
     if include_top:
         arguments.update(classes=10, classifier_activation=None)

@@ -53,6 +53,8 @@ The policies, following the TFLite 8-bit specification:
   over the input's fixed sequence length into int8 FULLY_CONNECTED, ADD,
   MUL, LOGISTIC, TANH ops; a fake-quant at each of those outputs
   (`layers.recurrent`).
+- `PRELU`: PReLU, one PRELU op: its alpha int8 with one scale for the
+  tensor (as the converter writes it), an output scale of its own.
 - `FLOAT`: no int8 lowering worth having (LayerNormalization: the
   converter's own PTQ leaves a float NEG in it too); kept in float like a
   `skip=` layer, with QUANTIZE/DEQUANTIZE around it.
@@ -75,12 +77,13 @@ AFFINE = "affine"
 SCALED_ADD = "scaled_add"
 CHANNEL_SCALE = "channel_scale"
 RECURRENT = "recurrent"
+PRELU = "prelu"
 FLOAT = "float"
 CUSTOM = "custom"
 
 POLICIES = (
     LINEAR, OUTPUT, SHARED_SCALE, PASSTHROUGH, BATCH_NORM, ACTIVATION, AFFINE,
-    SCALED_ADD, CHANNEL_SCALE, RECURRENT, FLOAT, CUSTOM,
+    SCALED_ADD, CHANNEL_SCALE, RECURRENT, PRELU, FLOAT, CUSTOM,
 )
 # The policies `register_layer` takes by name.
 REGISTRABLE_POLICIES = (PASSTHROUGH, OUTPUT, SHARED_SCALE, FLOAT)

@@ -82,6 +82,10 @@ class LinearOp:
         """Computes the op without bias and activation."""
         raise NotImplementedError
 
+    def restore_rank(self, layer, outputs):
+        """The layer's output from the op's (after the output fake-quant)."""
+        return outputs
+
     def add_channel_vector(self, layer, x, vector):
         """Adds a per-output-channel vector (a bias) to the op's result."""
         return x + channel_vector(vector, len(x.shape), self.channel_axis(layer))
@@ -95,7 +99,25 @@ class DenseOp(LinearOp):
         return ops.matmul(inputs, kernels[0])
 
 
+def _as_conv_2d(layer):
+    """True for a Conv1D computed as the CONV_2D it exports as (see ConvOp)."""
+    return (
+        layer.rank == 1 and layer.groups == 1
+        and getattr(layer, "data_format", "channels_last") == "channels_last"
+    )
+
+
 class ConvOp(LinearOp):
+    """Conv1D/2D/3D; a Conv1D computes as CONV_2D on `[N, 1, W, C]`.
+
+    TFLite runs a Conv1D as EXPAND_DIMS, CONV_2D, RESHAPE. Its output
+    fake-quant sits on the 4-D CONV_2D output, before the squeeze, as in
+    the converter's PTQ graph: the converter then moves the squeezes of a
+    residual ADD's two inputs past the ADD (one RESHAPE, as PTQ); a
+    fake-quant after the squeeze blocks that move (a RESHAPE more per
+    residual block).
+    """
+
     def apply(self, layer, inputs, kernels, quantize_intermediate):
         padding = layer.padding
         if padding == "causal":
@@ -103,6 +125,15 @@ class ConvOp(LinearOp):
             padding = "valid"
         if layer.groups > 1:
             return layer.convolution_op(inputs, kernels[0])
+        if _as_conv_2d(layer):
+            return ops.conv(
+                ops.expand_dims(inputs, 1),
+                ops.expand_dims(kernels[0], 0),
+                strides=[1, layer.strides[0]],
+                padding=padding,
+                dilation_rate=[1, layer.dilation_rate[0]],
+                data_format="channels_last",
+            )
         return ops.conv(
             inputs,
             kernels[0],
@@ -111,6 +142,9 @@ class ConvOp(LinearOp):
             dilation_rate=layer.dilation_rate,
             data_format=layer.data_format,
         )
+
+    def restore_rank(self, layer, outputs):
+        return ops.squeeze(outputs, 1) if _as_conv_2d(layer) else outputs
 
 
 class DepthwiseConvOp(LinearOp):

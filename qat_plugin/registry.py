@@ -10,7 +10,8 @@ graph nodes; their operation classes (from `keras.src.ops`) have rows here
 the same way and are rebuilt as `OperationLayer`s.
 
 Adding a layer kind is one row in `_ROWS`, plus one builder function in
-`quantize.build` only when it needs a new policy.
+`quantize.builders` (and a name in `layer_spec.POLICIES`) only when it
+needs a new policy.
 """
 
 import dataclasses
@@ -18,19 +19,21 @@ import dataclasses
 import keras
 from keras.src.applications.convnext import LayerScale
 from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+from keras.src.ops import image as image_ops
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
 
 from qat_plugin.layer_spec import (
     ACTIVATION, AFFINE, BATCH_NORM, CHANNEL_SCALE, CUSTOM, FLOAT, LINEAR, OUTPUT,
-    PASSTHROUGH, POLICIES, RECURRENT, REGISTRABLE_POLICIES, SCALED_ADD,
+    PASSTHROUGH, POLICIES, PRELU, RECURRENT, REGISTRABLE_POLICIES, SCALED_ADD,
     SHARED_SCALE, LayerQuantization, LayerSpec, function_name,
 )
 from qat_plugin.linear_ops import ConvOp, DenseOp, DepthwiseConvOp, SeparableConvOp, TransposedConvOp
 
 __all__ = [
     "ACTIVATION", "AFFINE", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "FLOAT",
-    "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "RECURRENT", "REGISTRABLE_POLICIES",
+    "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "PRELU", "RECURRENT",
+    "REGISTRABLE_POLICIES",
     "SCALED_ADD", "SHARED_SCALE", "LayerQuantization", "LayerSpec",
     "function_name", "register_layer", "spec_for", "policy_for",
     "linear_op_for", "linear_class_names", "activation_name",
@@ -91,13 +94,18 @@ _ROWS = {
     # ADD, SUB and MUL take a fused activation; MEAN does not.
     **_rows((_L.Add, _L.Subtract, _L.Multiply, numpy_ops.Add, numpy_ops.Subtract,
              numpy_ops.Multiply), policy=OUTPUT, fuses_activation=True),
+    # MEAN, SUM and REDUCE_PROD have an output scale of their own.
     **_rows((_L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D,
-             _L.GlobalAveragePooling3D, numpy_ops.Mean), policy=OUTPUT),
+             _L.GlobalAveragePooling3D, numpy_ops.Mean, numpy_ops.Sum,
+             numpy_ops.Prod), policy=OUTPUT),
+    _L.PReLU: LayerSpec(PRELU),
     CustomScaleLayer: LayerSpec(SCALED_ADD, fuses_activation=True),
     LayerScale: LayerSpec(CHANNEL_SCALE),
     _L.Rescaling: LayerSpec(AFFINE),
     _L.Normalization: LayerSpec(AFFINE),
-    **_rows((_L.LayerNormalization, _L.Conv3DTranspose), policy=FLOAT),
+    # A Lambda whose function traces into keras.ops with rows is inlined as
+    # those ops (`quantize.graph`); one that does not stays float.
+    **_rows((_L.LayerNormalization, _L.Conv3DTranspose, _L.Lambda), policy=FLOAT),
     # Unrolled over a fixed sequence length into int8 FULLY_CONNECTED, ADD,
     # MUL, LOGISTIC and TANH ops.
     **_rows((_L.LSTM, _L.GRU, _L.SimpleRNN, _L.Bidirectional), policy=RECURRENT),
@@ -105,7 +113,9 @@ _ROWS = {
              numpy_ops.Maximum, numpy_ops.Minimum), policy=SHARED_SCALE),
     **_rows((_L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D),
             policy=PASSTHROUGH, averages=True),
-    _L.UpSampling2D: LayerSpec(PASSTHROUGH, averages=_bilinear),
+    # RESIZE_BILINEAR / RESIZE_NEAREST_NEIGHBOR keep the input's scale.
+    **_rows((_L.UpSampling2D, _L.Resizing, image_ops.Resize),
+            policy=PASSTHROUGH, averages=_bilinear),
     **_rows((_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D),
             policy=PASSTHROUGH, pads_with_zeros=True),
     **_rows((
@@ -132,7 +142,10 @@ def register_layer(layer_class, policy):
     int8 (the converter lowers it to a single op, or to a chain it fuses).
 
     Args:
-        layer_class: a Keras layer class (matched exactly, not subclasses).
+        layer_class: a Keras layer class (matched exactly, not subclasses),
+            or the operation class of a `keras.ops` call a Functional model
+            records (these live only under `keras.src.ops`, e.g.
+            `keras.src.ops.numpy.Cumsum`; `UnsupportedLayerError` names it).
         policy: a `qat_plugin.LayerQuantization` declaring which weights are
             int8 (and their per-channel axis) and how the output quantizes;
             or a policy name: `"passthrough"` (output keeps the input's int8
@@ -149,9 +162,17 @@ def register_layer(layer_class, policy):
         >>> policy_for(Swap())
         'passthrough'
     """
-    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.Operation)):
         raise TypeError(
-            f"register_layer expects a Keras layer class, got {layer_class!r}."
+            "register_layer expects a Keras layer class (or a keras.ops "
+            f"operation class from keras.src.ops), got {layer_class!r}."
+        )
+    is_op = not issubclass(layer_class, keras.layers.Layer)
+    if is_op and isinstance(policy, LayerQuantization) and not policy.passthrough:
+        raise ValueError(
+            f"register_layer({layer_class.__name__}): a keras.ops operation "
+            "has no weights to declare; give it a policy name "
+            f"{list(REGISTRABLE_POLICIES)}."
         )
     if isinstance(policy, LayerQuantization):
         spec = (LayerSpec(PASSTHROUGH) if policy.passthrough

@@ -261,7 +261,8 @@ class QuantizedLinear(QuantizedLayer):
                 outputs = self._add_channel_vector(outputs, bias)
         if self.splits_activation:
             outputs = quantize_intermediate(outputs)
-        return self._finish(outputs, quantize, ranges_frozen, training, self.activation)
+        outputs = self._finish(outputs, quantize, ranges_frozen, training, self.activation)
+        return self.linear_op.restore_rank(self.layer, outputs)
 
     def _batch_norm_train(self, outputs, folded_bias, bn_frozen):
         """Corrects the folded output to batch statistics; updates the BN.

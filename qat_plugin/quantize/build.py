@@ -8,6 +8,7 @@ weight transform.
 """
 
 import inspect
+import warnings
 
 import keras
 from keras import tree
@@ -106,6 +107,36 @@ class Builder:
         copy = _clone(layer)
         self.weight_pairs.append((layer, copy, transform))
         return copy
+
+    def kept_float(self, node):
+        """The layer a node kept in float runs as in the QAT model.
+
+        A layer without weights is the float model's layer itself: it is
+        never rebuilt from its config, which a Lambda's Python function or
+        some third-party layers (keras-hub's ViTPatchingAndEmbedding) do
+        not survive. A layer with weights is a copy with the same weights,
+        so training the QAT model leaves the float model alone; where its
+        config does not rebuild it, it is the float model's layer too, and
+        the two models then share those weights (a warning says so).
+        """
+        layer = node.layer
+        if not isinstance(layer, keras.layers.Layer):
+            return self.copy_of(node)
+        half = layer.dtype_policy.compute_dtype in _HALF_DTYPES
+        if not layer.weights and not half:
+            return layer
+        try:
+            return self.copy(layer)
+        except Exception as error:  # A third-party from_config failing.
+            warnings.warn(
+                f"Layer '{layer.name}' ({type(layer).__name__}) is kept float, "
+                "and its config does not rebuild it "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:120]}): "
+                "the QAT model uses the float model's layer itself, so the "
+                "two models share its weights (training either changes both).",
+                stacklevel=8,
+            )
+            return layer
 
     def copy_of(self, node):
         """A fresh layer computing what `node` computes.

@@ -236,9 +236,28 @@ def build_recurrent(builder, node, spec, fusion):
     builder.store_outputs(node, builder.call(layer, node))
 
 
+def build_prelu(builder, node, spec, fusion):
+    """PReLU as PRELU: alpha int8 with one scale, its own output scale.
+
+    The converter writes PRELU's alpha with one scale per tensor (PTQ too,
+    measured); a per-channel fake-quant would train on other values.
+    """
+    layer = builder.layer_for(
+        id(node.layer),
+        lambda: QuantizedCustomLayer(
+            builder.copy(node.layer),
+            weights={"alpha": None},
+            weight_bits=builder.scheme.weight_bits,
+            name=node.name,
+            **builder.quantizer_kwargs(node.outputs[0]),
+        ),
+    )
+    builder.store_outputs(node, builder.call(layer, node))
+
+
 def build_float(builder, node, spec=None, fusion=None):
     """A layer kept in float; its output is re-quantized where needed."""
-    layer = builder.layer_for(id(node.layer), lambda: builder.copy_of(node))
+    layer = builder.layer_for(id(node.layer), lambda: builder.kept_float(node))
     outputs = tree.flatten(builder.call(layer, node))
     for key, value in zip(node.outputs, outputs):
         readers = builder.graph.consumers.get(key, [])
@@ -265,5 +284,6 @@ BUILDERS = {
     registry.SCALED_ADD: build_scaled_add,
     registry.CUSTOM: build_custom,
     registry.RECURRENT: build_recurrent,
+    registry.PRELU: build_prelu,
     registry.FLOAT: build_float,
 }

@@ -9,14 +9,21 @@ Sequential model it calls, so the result is one graph of plain layers.
 Tensors are named by keys `(scope, id(keras_tensor))`: the scope tells apart
 two calls of the same nested model, whose inner tensors are the same
 objects.
+
+A `Lambda` layer is traced: its function is called on symbolic inputs, and
+where that records only `keras.ops` calls (and layers) with registry rows,
+the recorded graph is inlined like a nested model, so the Lambda quantizes
+as the ops it computes. A Lambda that does not trace that way (TensorFlow
+ops, an op with no row) or that `skip=` names stays one node, kept float.
 """
 
 import dataclasses
 
 import keras
 from keras.src.models.functional import Functional
-from qat_plugin.errors import UnsupportedModelError
 
+from qat_plugin import registry
+from qat_plugin.errors import UnsupportedModelError
 
 
 @dataclasses.dataclass(eq=False)
@@ -78,8 +85,11 @@ class LayerGraph:
         return len(self.calls.get(id(layer), [])) > 1
 
     @classmethod
-    def from_model(cls, model):
-        """Traces `model` into a `LayerGraph`; raises on unsupported models."""
+    def from_model(cls, model, keep=frozenset()):
+        """Traces `model` into a `LayerGraph`; raises on unsupported models.
+
+        `keep`: names of Lambda layers to keep as one node (not traced).
+        """
         functional = _functional_of(model)
         aliases = {}
         nodes = []
@@ -87,7 +97,7 @@ class LayerGraph:
             GraphInput(key=((), id(t)), tensor=t, name=t._keras_history.operation.name)
             for t in functional.inputs
         ]
-        _inline(functional, (), aliases, nodes)
+        _inline(functional, (), aliases, nodes, frozenset(keep))
         outputs = [_resolve(aliases, ((), id(t))) for t in functional.outputs]
         return cls(
             inputs,
@@ -145,7 +155,37 @@ def _ordered_nodes(functional):
         yield from functional._nodes_by_depth[depth]
 
 
-def _inline(functional, scope, aliases, nodes):
+def traced_lambda(layer, arguments):
+    """The Functional graph of a Lambda's function, or None.
+
+    The function runs on symbolic inputs shaped like the call's
+    (`arguments`, a Keras node's); the graph is returned only where every
+    operation it records has a registry row.
+
+    Examples:
+        >>> import keras
+        >>> x = keras.Input((4,))
+        >>> y = keras.layers.Lambda(lambda t: keras.ops.relu(t) * 2.0)(x)
+        >>> node = y._keras_history.operation._inbound_nodes[0]
+        >>> traced = traced_lambda(node.operation, node.arguments)
+        >>> [type(op).__name__ for op in traced.operations][1:]
+        ['Relu', 'Multiply']
+    """
+    tensors = arguments.keras_tensors
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in tensors]
+    args, kwargs = arguments.fill_in({id(t): i for t, i in zip(tensors, inputs)})
+    try:
+        traced = Functional(inputs, layer.call(*args, **kwargs))
+    except Exception:  # The function is not made of keras.ops: keep it float.
+        return None
+    recorded = [op for op in traced.operations
+                if not isinstance(op, keras.layers.InputLayer)]
+    if not all(registry.policy_for(op) is not None for op in recorded):
+        return None
+    return traced
+
+
+def _inline(functional, scope, aliases, nodes, keep):
     for node in _ordered_nodes(functional):
         if node.is_input:
             continue
@@ -153,12 +193,16 @@ def _inline(functional, scope, aliases, nodes):
         input_keys = [
             _resolve(aliases, (scope, id(t))) for t in node.arguments.keras_tensors
         ]
+        inner = None
         if isinstance(layer, keras.Model):
             inner = _functional_of(layer)
+        elif type(layer) is keras.layers.Lambda and layer.name not in keep:
+            inner = traced_lambda(layer, node.arguments)
+        if inner is not None:
             inner_scope = scope + (id(node),)
             for inner_input, key in zip(inner.inputs, input_keys):
                 aliases[(inner_scope, id(inner_input))] = key
-            _inline(inner, inner_scope, aliases, nodes)
+            _inline(inner, inner_scope, aliases, nodes, keep)
             for outer, inner_output in zip(node.outputs, inner.outputs):
                 aliases[(scope, id(outer))] = _resolve(
                     aliases, (inner_scope, id(inner_output))

@@ -50,7 +50,11 @@ def quantize_model(model, recipe="int8", *, skip=()):
             another skipped layer; a lone skipped op between two int8
             tensors the converter still quantizes on its own (with
             post-training weight scales). `inspect_tflite(...).float_ops`
-            lists what stays float.
+            lists what stays float. A skipped layer without weights is
+            the float model's layer itself (never rebuilt from its
+            config, so a Lambda or a layer whose `from_config` fails can
+            be skipped); one with weights is a copy with its weights. A
+            Lambda named here is kept float, not traced into its ops.
 
     Returns:
         A new Functional `keras.Model`.
@@ -70,10 +74,6 @@ def quantize_model(model, recipe="int8", *, skip=()):
         ['FakeQuant', 'QuantizedLinear', 'QuantizeOutputWrapper', 'QuantizedLinear']
     """
     config = resolve(recipe)
-    graph = LayerGraph.from_model(model)
-    _check_float(model, graph)
-    _check_sizes(model, graph)
-    _check_pruned(model, graph, config)
     # One name is a name, not a sequence of one-letter names.
     try:
         skip = {skip} if isinstance(skip, str) else set(skip)
@@ -81,6 +81,10 @@ def quantize_model(model, recipe="int8", *, skip=()):
         raise TypeError(
             f"skip must be a layer name or a list of layer names, got {skip!r}."
         ) from None
+    graph = LayerGraph.from_model(model, keep=skip)
+    _check_float(model, graph)
+    _check_sizes(model, graph)
+    _check_pruned(model, graph, config)
     known = {node.name for node in graph.nodes}
     unknown = sorted(skip - known, key=repr)
     if unknown:
@@ -170,20 +174,42 @@ def _check_float(model, graph):
 
 
 def _check_registered(graph, skip):
+    """Raises one `UnsupportedLayerError` naming every layer with no policy.
+
+    A layer is named once (a shared layer or op has several calls); the
+    message gives each one's class, where a `keras.ops` call's class lives
+    (only under `keras.src.ops`), and the one `skip=` list that gets past
+    them all.
+    """
+    missing = {}
     for node in graph.nodes:
         if node.name in skip or registry.policy_for(node.layer) is not None:
             continue
-        layer = node.layer
-        kind = (
-            "a keras.ops call recorded by the Functional API"
-            if not isinstance(layer, keras.layers.Layer)
-            else f"class {type(layer).__module__}.{type(layer).__name__}"
-        )
-        raise UnsupportedLayerError(
-            f"Layer '{layer.name}' ({kind}) has no quantization policy. Keep "
-            f"it in float with quantize_model(..., skip=['{layer.name}']), or "
-            f"declare how it quantizes with qat_plugin.register_layer("
-            f"{type(layer).__name__}, policy) where policy is a "
-            "qat_plugin.LayerQuantization(weights=..., ...) or one of "
-            "'passthrough', 'output', 'shared_scale', 'float'."
-        )
+        missing.setdefault(node.name, node.layer)
+    if not missing:
+        return
+    lines = []
+    for name, layer in missing.items():
+        cls = type(layer)
+        where = f"{cls.__module__}.{cls.__name__}"
+        if isinstance(layer, keras.layers.Layer):
+            lines.append(f"  - '{name}': class {where}")
+        else:
+            lines.append(
+                f"  - '{name}': a keras.ops call recorded by the Functional API, "
+                f"operation class {where} (it exists only there: "
+                f"`from {cls.__module__} import {cls.__name__}` for "
+                "register_layer)"
+            )
+    names = list(missing)
+    classes = sorted({type(layer).__name__ for layer in missing.values()})
+    raise UnsupportedLayerError(
+        f"{len(names)} layer{'s' if len(names) > 1 else ''} of model "
+        f"'{graph.name}' {'have' if len(names) > 1 else 'has'} no quantization "
+        "policy:\n" + "\n".join(lines) + f"\nKeep {'them' if len(names) > 1 else 'it'} in float with "
+        f"quantize_model(..., skip={names!r}), or declare how each class "
+        f"({', '.join(classes)}) quantizes with "
+        "qat_plugin.register_layer(cls, policy) where policy is a "
+        "qat_plugin.LayerQuantization(weights=..., ...) or one of "
+        "'passthrough', 'output', 'shared_scale', 'float'."
+    )

@@ -173,10 +173,31 @@ class Graph:
     constant: tuple       # per tensor, bool
 
     def nbytes(self, index):
-        """The bytes of tensor `index`; a dynamic axis counts as 1, a scalar as 1 value."""
+        """The bytes of tensor `index`; a dynamic axis counts as 1, a scalar as 1 value.
+
+        A resource, variant or string tensor (Select TF ops' TensorList
+        handles, a hash table) has no fixed size: it counts 0 bytes.
+        """
         shape = self.shapes[index]
         size = int(np.prod(shape)) if shape else 1
-        return size * np.dtype(self.dtypes[index]).itemsize
+        return size * itemsize(self.dtypes[index])
+
+
+def itemsize(name):
+    """The bytes of one value of tensor type `name`; 0 where it has no fixed size.
+
+    Examples:
+        >>> from qat_plugin.tflite.flatbuffer import itemsize
+        >>> itemsize("int8"), itemsize("float32"), itemsize("variant"), itemsize("resource")
+        (1, 4, 0, 0)
+    """
+    if name in _UNSIZED_TYPES:
+        return 0
+    return np.dtype(name).itemsize
+
+
+# TensorType names with no NumPy dtype and no size of their own.
+_UNSIZED_TYPES = ("resource", "variant", "string")
 
 
 def read_graph(data):

@@ -307,8 +307,14 @@ def _weights(data, ops):
     if not weight_ops:
         return ()
     interpreter = make_interpreter(data, use_xnnpack=False)
-    interpreter.allocate_tensors()
-    if any(op.inputs[1].index in densified for op in weight_ops):
+    try:
+        interpreter.allocate_tensors()
+        allocated = True
+    except RuntimeError:
+        # Select TF ops allocate only with the Flex delegate: the values
+        # are read from the file instead.
+        allocated = False
+    if allocated and any(op.inputs[1].index in densified for op in weight_ops):
         # DENSIFY expands a sparse-encoded weight into a persistent tensor
         # on the first invoke; the inputs' values do not matter.
         interpreter.invoke()
@@ -322,8 +328,12 @@ def _weights(data, ops):
             flatbuffer = flatbuffer or Flatbuffer(data)
             stored = flatbuffer.stored_bytes(flatbuffer.subgraph().tensors[tensor.index])
             values = _densify(stored.view(np.dtype(tensor.dtype)), tensor.shape, sparsity)
-        else:
+        elif allocated:
             values = interpreter.get_tensor(tensor.index)
+        else:
+            flatbuffer = flatbuffer or Flatbuffer(data)
+            stored = flatbuffer.stored_bytes(flatbuffer.subgraph().tensors[tensor.index])
+            values = stored.view(np.dtype(tensor.dtype)).reshape(tensor.shape)
         weights.append(
             WeightInfo(
                 tensor=tensor,
