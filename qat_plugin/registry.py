@@ -26,7 +26,9 @@ from qat_plugin.layer_spec import (
     PASSTHROUGH, POLICIES, REGISTRABLE_POLICIES, SCALED_ADD, SHARED_SCALE,
     LayerQuantization, LayerSpec, function_name,
 )
-from qat_plugin.linear_ops import ConvOp, DenseOp, DepthwiseConvOp, SeparableConvOp, TransposedConvOp
+from qat_plugin.linear_ops import (
+    ConvOp, DenseOp, DepthwiseConvOp, EinsumOp, SeparableConvOp, TransposedConvOp,
+)
 
 __all__ = [
     "ACTIVATION", "AFFINE", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "FLOAT",
@@ -117,6 +119,9 @@ _ROWS = {
         # SPLIT, REDUCE_MAX and REDUCE_MIN keep their input's scale.
         numpy_ops.Split, numpy_ops.Max, numpy_ops.Min,
     ), policy=PASSTHROUGH),
+    # -- transformer layers (issue 15) --
+    # FULLY_CONNECTED for the equations EinsumOp accepts; no constant folds.
+    _L.EinsumDense: LayerSpec(LINEAR, EinsumOp(), fuses_activation=True),
 }
 
 

@@ -125,7 +125,7 @@ def test_every_policy_has_exactly_one_builder():
 def test_linear_class_names_lists_the_conv_dense_classes():
     assert registry.linear_class_names() == [
         "Conv1D", "Conv1DTranspose", "Conv2D", "Conv2DTranspose", "Conv3D",
-        "Dense", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
+        "Dense", "DepthwiseConv1D", "DepthwiseConv2D", "EinsumDense", "SeparableConv1D",
         "SeparableConv2D",
     ]
 

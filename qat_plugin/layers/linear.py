@@ -94,7 +94,7 @@ class QuantizedLinear(QuantizedLayer):
                 "Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D and "
                 "Conv1DTranspose/Conv2DTranspose."
             )
-        self.linear_op.check(layer)
+        self.linear_op = self.linear_op.for_layer(layer)
         check_fused_activation(layer.name, activation)
         self.layer = layer
         self.batch_norm = batch_norm
@@ -177,9 +177,7 @@ class QuantizedLinear(QuantizedLayer):
         ]
 
     def _layer_bias(self):
-        if self.layer.use_bias:
-            return self.layer.bias
-        return None
+        return self.linear_op.bias(self.layer)
 
     def _folded_bias(self):
         """The bias after folding with the moving BN statistics (or None)."""
