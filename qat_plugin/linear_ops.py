@@ -103,6 +103,12 @@ class DenseOp(LinearOp):
         return -1
 
     def apply(self, layer, inputs, kernels, quantize_intermediate):
+        if len(inputs.shape) > 2:
+            # Measured (TF 2.21): a matmul of a sequence lowers through
+            # tensordot's dynamic RESHAPE, and the converter leaves the bias
+            # ADD after it, with the FULLY_CONNECTED, in float; this einsum
+            # lowers to FULLY_CONNECTED with the bias folded in.
+            return ops.einsum("...i,io->...o", inputs, kernels[0])
         return ops.matmul(inputs, kernels[0])
 
 

@@ -115,3 +115,19 @@ def test_qat_model_round_trips_through_keras_file(tmp_path):
     qat = qat_fit(model, x, y)
     restored = assert_keras_round_trip(qat, x, tmp_path / "qat.keras")
     assert isinstance(restored.get_layer("einsum"), QuantizedLinear)
+
+
+@pytest.mark.tf_only
+def test_dense_on_a_sequence_keeps_its_bias_in_the_int8_fully_connected():
+    # Measured: through `matmul`'s tensordot the converter left the bias ADD
+    # and FULLY_CONNECTED float in the QAT export; the einsum lowering folds it.
+    inputs = keras.Input(SHAPE)
+    dense = L.Dense(6, name="ffn")
+    model = keras.Model(inputs, L.Dense(4)(L.Flatten()(dense(inputs))))
+    dense.bias.assign(np.random.default_rng(2).normal(size=6))
+    x, y = data()
+    ptq, qat, tflite, report = ptq_and_qat(model, x, y)
+    assert ptq.is_fully_int8 and report.is_fully_int8, report.summary()
+    assert len(report.ops) <= len(ptq.ops) and set(report.op_counts) <= set(ptq.op_counts)
+    assert report.op_counts["FULLY_CONNECTED"] == 2 and "ADD" not in report.op_counts
+    assert_parity(qat, tflite, x)
