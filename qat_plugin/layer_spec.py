@@ -53,6 +53,11 @@ The policies, following the TFLite 8-bit specification:
   converter's own PTQ leaves a float NEG in it too); kept in float like a
   `skip=` layer, with QUANTIZE/DEQUANTIZE around it.
 - `CUSTOM`: a user's layer declared with a `LayerQuantization`.
+- `EMBEDDING`: an embedding table (Embedding, keras-hub's
+  ReversibleEmbedding, PositionEmbedding, TokenAndPositionEmbedding):
+  GATHER keeps the table's int8 scale, so the table is fake-quantized over
+  its own range and the gathered output has no fake-quant of its own (a
+  sum of token and position embeddings has one, a reverse call's logits too).
 """
 
 import dataclasses
@@ -72,10 +77,12 @@ SCALED_ADD = "scaled_add"
 CHANNEL_SCALE = "channel_scale"
 FLOAT = "float"
 CUSTOM = "custom"
+EMBEDDING = "embedding"
 
 POLICIES = (
     LINEAR, OUTPUT, SHARED_SCALE, PASSTHROUGH, BATCH_NORM, ACTIVATION, AFFINE,
     SCALED_ADD, CHANNEL_SCALE, FLOAT, CUSTOM,
+    EMBEDDING,
 )
 # The policies `register_layer` takes by name.
 REGISTRABLE_POLICIES = (PASSTHROUGH, OUTPUT, SHARED_SCALE, FLOAT)

@@ -14,6 +14,7 @@ Adding a layer kind is one row in `_ROWS`, plus one builder function in
 """
 
 import dataclasses
+import sys
 
 import keras
 from keras.src.applications.convnext import LayerScale
@@ -22,7 +23,7 @@ from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
 
 from qat_plugin.layer_spec import (
-    ACTIVATION, AFFINE, BATCH_NORM, CHANNEL_SCALE, CUSTOM, FLOAT, LINEAR, OUTPUT,
+    ACTIVATION, AFFINE, BATCH_NORM, CHANNEL_SCALE, CUSTOM, EMBEDDING, FLOAT, LINEAR, OUTPUT,
     PASSTHROUGH, POLICIES, REGISTRABLE_POLICIES, SCALED_ADD, SHARED_SCALE,
     LayerQuantization, LayerSpec, function_name,
 )
@@ -31,7 +32,7 @@ from qat_plugin.linear_ops import (
 )
 
 __all__ = [
-    "ACTIVATION", "AFFINE", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "FLOAT",
+    "ACTIVATION", "AFFINE", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "EMBEDDING", "FLOAT",
     "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "REGISTRABLE_POLICIES",
     "SCALED_ADD", "SHARED_SCALE", "LayerQuantization", "LayerSpec",
     "function_name", "register_layer", "spec_for", "policy_for",
@@ -122,7 +123,27 @@ _ROWS = {
     # -- transformer layers (issue 15) --
     # FULLY_CONNECTED for the equations EinsumOp accepts; no constant folds.
     _L.EinsumDense: LayerSpec(LINEAR, EinsumOp(), fuses_activation=True),
+    **_rows((_L.Embedding, _L.ReversibleEmbedding), policy=EMBEDDING),
 }
+
+
+def _keras_hub_rows():
+    """keras-hub's embedding classes, once keras-hub is imported (an optional
+    dependency: a model holding its layers has imported it)."""
+    if "keras_hub" not in sys.modules or _KERAS_HUB_ADDED:
+        return
+    from keras_hub.src.layers.modeling.position_embedding import PositionEmbedding
+    from keras_hub.src.layers.modeling.reversible_embedding import ReversibleEmbedding
+    from keras_hub.src.layers.modeling.token_and_position_embedding import (
+        TokenAndPositionEmbedding,
+    )
+
+    _KERAS_HUB_ADDED.append(True)
+    for cls in (PositionEmbedding, ReversibleEmbedding, TokenAndPositionEmbedding):
+        _ROWS.setdefault(cls, LayerSpec(EMBEDDING))
+
+
+_KERAS_HUB_ADDED = []
 
 
 def register_layer(layer_class, policy):
@@ -189,6 +210,7 @@ def spec_for(layer):
             return None
         return dataclasses.replace(spec, folds_output_scale=False,
                                    folds_input_scale=False)
+    _keras_hub_rows()
     return _ROWS.get(type(layer))
 
 

@@ -20,6 +20,7 @@ from qat_plugin.layers import (
     QuantizedLinear,
     QuantizeOutputWrapper,
 )
+from qat_plugin.quantize.build_transformer import TRANSFORMER_BUILDERS
 from qat_plugin.quantize.plan import average_divisor, averages
 from qat_plugin.quantize.weight_transforms import (
     composed,
@@ -230,4 +231,5 @@ BUILDERS = {
     registry.SCALED_ADD: build_scaled_add,
     registry.CUSTOM: build_custom,
     registry.FLOAT: build_float,
+    **TRANSFORMER_BUILDERS,
 }

@@ -1,0 +1,26 @@
+"""Builder functions for the transformer layer kinds (issue 15).
+
+Each is a `(builder, node, spec, fusion)` function as in
+`quantize.builders`; `TRANSFORMER_BUILDERS` maps their policies to them and
+joins `quantize.builders.BUILDERS`.
+"""
+
+from qat_plugin import registry
+from qat_plugin.layers import QuantizedEmbedding, QuantizedTokenAndPositionEmbedding
+
+
+def build_embedding(builder, node, spec, fusion):
+    """An embedding table: GATHER of an int8 table (and its reverse FULLY_CONNECTED)."""
+    composite = hasattr(node.layer, "token_embedding")
+    cls = QuantizedTokenAndPositionEmbedding if composite else QuantizedEmbedding
+    layer = builder.layer_for(
+        id(node.layer),
+        lambda: cls(builder.copy(node.layer), name=node.name,
+                    **builder.quantizer_kwargs(node.outputs[0])),
+    )
+    builder.store_outputs(node, builder.call(layer, node))
+
+
+TRANSFORMER_BUILDERS = {
+    registry.EMBEDDING: build_embedding,
+}
