@@ -23,7 +23,8 @@ from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
 
 from qat_plugin.layer_spec import (
-    ACTIVATION, AFFINE, BATCH_NORM, CHANNEL_SCALE, CUSTOM, EMBEDDING, FLOAT, LINEAR, OUTPUT,
+    ACTIVATION, AFFINE, BATCH_NORM, CHANNEL_SCALE, CUSTOM, EMBEDDING, FLOAT, LAYER_NORM,
+    LINEAR, OUTPUT,
     PASSTHROUGH, POLICIES, REGISTRABLE_POLICIES, SCALED_ADD, SHARED_SCALE,
     LayerQuantization, LayerSpec, function_name,
 )
@@ -32,7 +33,7 @@ from qat_plugin.linear_ops import (
 )
 
 __all__ = [
-    "ACTIVATION", "AFFINE", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "EMBEDDING", "FLOAT",
+    "ACTIVATION", "AFFINE", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "EMBEDDING", "FLOAT", "LAYER_NORM",
     "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "REGISTRABLE_POLICIES",
     "SCALED_ADD", "SHARED_SCALE", "LayerQuantization", "LayerSpec",
     "function_name", "register_layer", "spec_for", "policy_for",
@@ -100,7 +101,7 @@ _ROWS = {
     LayerScale: LayerSpec(CHANNEL_SCALE),
     _L.Rescaling: LayerSpec(AFFINE),
     _L.Normalization: LayerSpec(AFFINE),
-    **_rows((_L.LayerNormalization, _L.Conv3DTranspose), policy=FLOAT),
+    _L.Conv3DTranspose: LayerSpec(FLOAT),
     **_rows((_L.Concatenate, _L.Maximum, _L.Minimum, numpy_ops.Concatenate,
              numpy_ops.Maximum, numpy_ops.Minimum), policy=SHARED_SCALE),
     **_rows((_L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D),
@@ -124,6 +125,8 @@ _ROWS = {
     # FULLY_CONNECTED for the equations EinsumOp accepts; no constant folds.
     _L.EinsumDense: LayerSpec(LINEAR, EinsumOp(), fuses_activation=True),
     **_rows((_L.Embedding, _L.ReversibleEmbedding), policy=EMBEDDING),
+    # All int8 (PTQ leaves a float NEG in it): qat_plugin.layers.normalization.
+    _L.LayerNormalization: LayerSpec(LAYER_NORM),
 }
 
 

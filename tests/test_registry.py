@@ -174,7 +174,8 @@ def test_policy_for_exact_classes():
         (L.ZeroPadding2D(), registry.PASSTHROUGH),
         (L.Rescaling(0.5), registry.AFFINE),
         (L.Normalization(), registry.AFFINE),
-        (L.LayerNormalization(), registry.FLOAT),
+        (L.LayerNormalization(), registry.LAYER_NORM),
+        (L.Conv3DTranspose(2, 3), registry.FLOAT),
         (CustomScaleLayer(0.2), registry.SCALED_ADD),
         (LayerScale(0.1, 4), registry.CHANNEL_SCALE),
     ]

@@ -8,6 +8,7 @@ from qat_plugin.layers.custom import QuantizedCustomLayer
 from qat_plugin.layers.embedding import QuantizedEmbedding, QuantizedTokenAndPositionEmbedding
 from qat_plugin.layers.fake_quant import FakeQuant
 from qat_plugin.layers.linear import QuantizedLinear
+from qat_plugin.layers.normalization import QuantizedLayerNormalization
 from qat_plugin.layers.operation import OperationLayer
 from qat_plugin.layers.output_wrapper import QuantizeOutputWrapper
 from qat_plugin.layers.pruned import PrunedLayer
@@ -23,6 +24,7 @@ __all__ = [
     "QuantizedTokenAndPositionEmbedding",
     "QuantizedSwish",
     "QuantizedLayer",
+    "QuantizedLayerNormalization",
     "QuantizedLinear",
     "QuantizeOutputWrapper",
 ]

@@ -6,7 +6,11 @@ joins `quantize.builders.BUILDERS`.
 """
 
 from qat_plugin import registry
-from qat_plugin.layers import QuantizedEmbedding, QuantizedTokenAndPositionEmbedding
+from qat_plugin.layers import (
+    QuantizedEmbedding,
+    QuantizedLayerNormalization,
+    QuantizedTokenAndPositionEmbedding,
+)
 
 
 def build_embedding(builder, node, spec, fusion):
@@ -21,6 +25,19 @@ def build_embedding(builder, node, spec, fusion):
     builder.store_outputs(node, builder.call(layer, node))
 
 
+def build_layer_norm(builder, node, spec, fusion):
+    """A LayerNormalization as a chain of int8 ops, each fake-quantized."""
+    layer = builder.layer_for(
+        id(node.layer),
+        lambda: QuantizedLayerNormalization(
+            builder.copy(node.layer), name=node.name,
+            **builder.quantizer_kwargs(node.outputs[0]),
+        ),
+    )
+    builder.store_outputs(node, builder.call(layer, node))
+
+
 TRANSFORMER_BUILDERS = {
     registry.EMBEDDING: build_embedding,
+    registry.LAYER_NORM: build_layer_norm,
 }
