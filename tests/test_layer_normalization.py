@@ -93,3 +93,26 @@ def test_qat_model_round_trips_through_keras_file(tmp_path):
     qat = qat_fit(model, x, y)
     restored = assert_keras_round_trip(qat, x, tmp_path / "qat.keras")
     assert isinstance(restored.get_layer("norm"), QuantizedLayerNormalization)
+
+
+@pytest.mark.tf_only
+def test_a_feed_forward_block_on_embeddings_is_fully_int8_where_ptq_is_not():
+    # Embedding -> Dense(gelu) -> Dense -> residual Add -> LayerNormalization:
+    # the feed-forward half of a transformer encoder.
+    inputs = keras.Input((5,), dtype="int32")
+    x = L.Embedding(20, 8)(inputs)
+    hidden = L.Dense(8)(L.Dense(16, activation="gelu")(x))
+    x = L.LayerNormalization(name="norm")(L.Add()([x, hidden]))
+    model = keras.Model(inputs, L.Dense(4)(L.Flatten()(x)))
+    ids = np.random.default_rng(0).integers(0, 20, (64, 5)).astype("int32")
+    y = ids.sum(axis=1) % 4
+    ptq = qat_plugin.inspect_tflite(
+        qat_plugin.export_tflite(model, mode="int8", representative_data=ids)
+    )
+    qat = qat_fit(model, ids, y)
+    tflite = qat_plugin.export_tflite(qat)
+    report = qat_plugin.inspect_tflite(tflite)
+    assert [op.name for op in ptq.float_ops] == ["NEG"]
+    assert not report.float_ops and not report.conversion_ops, report.summary()
+    assert len(report.ops) < len(ptq.ops)
+    assert_parity(qat, tflite, ids, max_steps=3.0)
