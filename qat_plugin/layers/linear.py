@@ -48,7 +48,7 @@ class QuantizedLinear(QuantizedLayer):
 
     Args:
         layer: the Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D,
-            Conv1DTranspose/Conv2DTranspose or Dense layer (a fresh copy; the layer's own activation is
+            Conv1DTranspose/Conv2DTranspose, Dense or EinsumDense layer (a fresh copy; the layer's own activation is
             ignored), or a `PrunedLayer` wrapping one.
         batch_norm: the BatchNormalization layer folded in, or None.
         activation: `"linear"`, `"relu"` or `"relu6"`, fused into the op.
@@ -91,8 +91,8 @@ class QuantizedLinear(QuantizedLayer):
             raise ValueError(
                 f"QuantizedLinear cannot wrap layer '{layer.name}' of class "
                 f"{type(layer).__name__}: supported classes are Dense, "
-                "Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D and "
-                "Conv1DTranspose/Conv2DTranspose."
+                "Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D, "
+                "Conv1DTranspose/Conv2DTranspose and EinsumDense."
             )
         self.linear_op = self.linear_op.for_layer(layer)
         check_fused_activation(layer.name, activation)
