@@ -55,10 +55,18 @@ The policies, following the TFLite 8-bit specification:
   (`layers.recurrent`).
 - `PRELU`: PReLU, one PRELU op: its alpha int8 with one scale for the
   tensor (as the converter writes it), an output scale of its own.
-- `FLOAT`: no int8 lowering worth having (LayerNormalization: the
-  converter's own PTQ leaves a float NEG in it too); kept in float like a
-  `skip=` layer, with QUANTIZE/DEQUANTIZE around it.
+- `FLOAT`: no int8 lowering worth having (Conv3DTranspose:
+  CONV_3D_TRANSPOSE has float kernels only); kept in float like a `skip=`
+  layer, with QUANTIZE/DEQUANTIZE around it.
 - `CUSTOM`: a user's layer declared with a `LayerQuantization`.
+- `EMBEDDING`: an embedding table (Embedding, keras-hub's
+  ReversibleEmbedding, PositionEmbedding, TokenAndPositionEmbedding):
+  GATHER keeps the table's int8 scale, so the table is fake-quantized over
+  its own range and the gathered output has no fake-quant of its own (a
+  sum of token and position embeddings has one, a reverse call's logits too).
+- `LAYER_NORM`: LayerNormalization as MEAN, SUB, SQUARED_DIFFERENCE, MEAN,
+  ADD, RSQRT, MUL, MUL, ADD, all int8, one fake-quant after each
+  (`qat_plugin.layers.normalization`).
 """
 
 import dataclasses
@@ -80,10 +88,13 @@ RECURRENT = "recurrent"
 PRELU = "prelu"
 FLOAT = "float"
 CUSTOM = "custom"
+EMBEDDING = "embedding"
+LAYER_NORM = "layer_norm"
 
 POLICIES = (
     LINEAR, OUTPUT, SHARED_SCALE, PASSTHROUGH, BATCH_NORM, ACTIVATION, AFFINE,
     SCALED_ADD, CHANNEL_SCALE, RECURRENT, PRELU, FLOAT, CUSTOM,
+    EMBEDDING, LAYER_NORM,
 )
 # The policies `register_layer` takes by name.
 REGISTRABLE_POLICIES = (PASSTHROUGH, OUTPUT, SHARED_SCALE, FLOAT)

@@ -7,6 +7,8 @@ scale, so that the scales are the ones the TFLite kernel uses (per output
 channel for CONV_2D, FULLY_CONNECTED, DEPTHWISE_CONV_2D and TRANSPOSE_CONV).
 """
 
+import re
+
 import numpy as np
 from keras import ops
 
@@ -70,6 +72,15 @@ class LinearOp:
     def check(self, layer):
         """Raises `UnsupportedLayerError` where `layer` has no int8 TFLite op."""
 
+    def for_layer(self, layer):
+        """The op for one layer (one whose axes depend on the layer binds to it)."""
+        self.check(layer)
+        return self
+
+    def bias(self, layer):
+        """The layer's bias variable, or None."""
+        return layer.bias if layer.use_bias else None
+
     def splits_activation(self, layer, batch_norm, activation):
         """True when the TFLite op cannot fuse `activation`: it is an op of its own."""
         return False
@@ -96,6 +107,12 @@ class DenseOp(LinearOp):
         return -1
 
     def apply(self, layer, inputs, kernels, quantize_intermediate):
+        if len(inputs.shape) > 2:
+            # Measured (TF 2.21): a matmul of a sequence lowers through
+            # tensordot's dynamic RESHAPE, and the converter leaves the bias
+            # ADD after it, with the FULLY_CONNECTED, in float; this einsum
+            # lowers to FULLY_CONNECTED with the bias folded in.
+            return ops.einsum("...i,io->...o", inputs, kernels[0])
         return ops.matmul(inputs, kernels[0])
 
 
@@ -248,3 +265,127 @@ class TransposedConvOp(LinearOp):
             dilation_rate=layer.dilation_rate,
             data_format=layer.data_format,
         )
+
+
+# -- EinsumDense: FULLY_CONNECTED where the equation is a matmul by the kernel
+
+
+def einsum_parts(equation):
+    """Splits an EinsumDense equation into (input, kernel, output) letters.
+
+    A leading `...` on the input and the output is dropped (it only adds
+    leading axes); any other shape of equation returns None.
+
+    Examples:
+        >>> einsum_parts("...b,bc->...c")
+        ('b', 'bc', 'c')
+        >>> einsum_parts("abc,cde->abde")
+        ('abc', 'cde', 'abde')
+    """
+    match = re.fullmatch(r"(\.\.\.)?([a-zA-Z]+),([a-zA-Z]+)->(\.\.\.)?([a-zA-Z]+)",
+                         equation.replace(" ", ""))
+    if match is None or bool(match.group(1)) != bool(match.group(4)):
+        return None
+    return match.group(2), match.group(3), match.group(5)
+
+
+def _einsum_mismatch(layer):
+    """Why `layer`'s einsum is not one FULLY_CONNECTED op, or None."""
+    parts = einsum_parts(layer.equation)
+    if parts is None:
+        return "an ellipsis other than a leading '...' on input and output"
+    inputs, kernel, outputs = parts
+    contracted = [a for a in inputs if a in kernel]
+    free = [a for a in kernel if a not in inputs]
+    kept = [a for a in inputs if a not in kernel]
+    if not contracted or not free:
+        return "no contracted or no output axis in the kernel"
+    if inputs != "".join(kept + contracted):
+        return "contracted axes that are not the input's last axes"
+    if outputs[:len(kept)] != "".join(kept) or set(outputs[len(kept):]) != set(free) \
+            or len(outputs) != len(kept) + len(free):
+        return "an output that is not the input's kept axes followed by the kernel's"
+    if any(a not in free for a in (layer.bias_axes or "")):
+        return f"bias_axes '{layer.bias_axes}' outside the kernel's output axes"
+    if getattr(layer, "quantization_mode", None) is not None or layer.lora_enabled:
+        return "Keras' own quantization or LoRA enabled"
+    return None
+
+
+class EinsumOp(LinearOp):
+    """EinsumDense as FULLY_CONNECTED: one weight scale per kernel output index.
+
+    The converter lowers an einsum `P C, C F -> P F` (the input's last axes
+    `C` contracted with the kernel, the kernel's other axes `F` last in the
+    output) to RESHAPE / FULLY_CONNECTED / RESHAPE with the kernel as a
+    `[prod F, prod C]` matrix, and its PTQ gives it one scale per row, per
+    index of `F` (measured, TF 2.21: "abc,cd->abd", "abc,dc->abd",
+    "abc,cde->abde", "abcd,cde->abe"). Other equations are refused.
+    `for_layer` binds the op to one layer's equation.
+
+    Examples:
+        >>> import keras
+        >>> layer = keras.layers.EinsumDense("abc,cde->abde", (None, 2, 3))
+        >>> EinsumOp().for_layer(layer).reduce_axes(0, 3, per_channel=True)
+        (0,)
+    """
+
+    def __init__(self, equation=None):
+        self.parts = None if equation is None else einsum_parts(equation)
+
+    def for_layer(self, layer):
+        self.check(layer)
+        return EinsumOp(layer.equation)
+
+    def _kernel_axes(self, contracted):
+        inputs, kernel, _ = self.parts
+        return tuple(i for i, a in enumerate(kernel) if (a in inputs) == contracted)
+
+    def reduce_axes(self, kernel_index, kernel_rank, per_channel):
+        if not per_channel:
+            return tuple(range(kernel_rank))
+        return self._kernel_axes(contracted=True)
+
+    def fold(self, layer, kernel, channel_scale):
+        # A following BatchNormalization normalizes the output's last axis.
+        _, kernel_letters, outputs = self.parts or einsum_parts(layer.equation)
+        axis = kernel_letters.index(outputs[-1])
+        return kernel * channel_vector(channel_scale, len(kernel.shape), axis)
+
+    def channel_axis(self, layer):
+        return -1
+
+    def bias(self, layer):
+        return layer.bias
+
+    def check(self, layer):
+        reason = _einsum_mismatch(layer)
+        if reason is not None:
+            raise UnsupportedLayerError(
+                f"Layer '{layer.name}' (EinsumDense, equation "
+                f"'{layer.equation}', bias_axes {layer.bias_axes!r}) has {reason}: "
+                "it is not one int8 FULLY_CONNECTED op. Write it as an input's "
+                "last axes contracted with the kernel, the kernel's other axes "
+                "last in the output (e.g. 'abc,cde->abde', bias on those axes), "
+                f"or keep it in float with quantize_model(..., skip=['{layer.name}'])."
+            )
+
+    def add_channel_vector(self, layer, x, vector):
+        inputs, kernel, outputs = self.parts or einsum_parts(layer.equation)
+        free = len(outputs) - len(inputs) + sum(a in kernel for a in inputs)
+        if free == 1:
+            return x + vector
+        # Several output axes: the TFLite einsum is FULLY_CONNECTED then
+        # RESHAPE, and a bias added after the RESHAPE would stay a float
+        # ADD (measured). Added to the flat FULLY_CONNECTED output, it
+        # folds into the op's bias: the reshapes cancel in the converter.
+        channels = tuple(x.shape[-free:])
+        static = [-1 if d is None else d for d in x.shape]
+        shape = static if static.count(-1) <= 1 else ops.shape(x)
+        flat = ops.reshape(x, tuple(static[:-free]) + (int(np.prod(channels)),)
+                           if static.count(-1) <= 1 else (-1, int(np.prod(channels))))
+        flat = flat + ops.reshape(ops.broadcast_to(vector, channels), (-1,))
+        return ops.reshape(flat, shape)
+
+    def apply(self, layer, inputs, kernels, quantize_intermediate):
+        return ops.einsum(layer.equation, inputs, kernels[0])

@@ -15,6 +15,7 @@ needs a new policy.
 """
 
 import dataclasses
+import sys
 
 import keras
 from keras.src.applications.convnext import LayerScale
@@ -24,16 +25,19 @@ from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
 
 from qat_plugin.layer_spec import (
-    ACTIVATION, AFFINE, BATCH_NORM, CHANNEL_SCALE, CUSTOM, FLOAT, LINEAR, OUTPUT,
-    PASSTHROUGH, POLICIES, PRELU, RECURRENT, REGISTRABLE_POLICIES, SCALED_ADD,
-    SHARED_SCALE, LayerQuantization, LayerSpec, function_name,
+    ACTIVATION, AFFINE, BATCH_NORM, CHANNEL_SCALE, CUSTOM, EMBEDDING, FLOAT,
+    LAYER_NORM, LINEAR, OUTPUT, PASSTHROUGH, POLICIES, PRELU, RECURRENT,
+    REGISTRABLE_POLICIES, SCALED_ADD, SHARED_SCALE, LayerQuantization, LayerSpec,
+    function_name,
 )
-from qat_plugin.linear_ops import ConvOp, DenseOp, DepthwiseConvOp, SeparableConvOp, TransposedConvOp
+from qat_plugin.linear_ops import (
+    ConvOp, DenseOp, DepthwiseConvOp, EinsumOp, SeparableConvOp, TransposedConvOp,
+)
 
 __all__ = [
-    "ACTIVATION", "AFFINE", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "FLOAT",
-    "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "PRELU", "RECURRENT",
-    "REGISTRABLE_POLICIES",
+    "ACTIVATION", "AFFINE", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "EMBEDDING",
+    "FLOAT", "LAYER_NORM", "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "PRELU",
+    "RECURRENT", "REGISTRABLE_POLICIES",
     "SCALED_ADD", "SHARED_SCALE", "LayerQuantization", "LayerSpec",
     "function_name", "register_layer", "spec_for", "policy_for",
     "linear_op_for", "linear_class_names", "activation_name",
@@ -105,7 +109,7 @@ _ROWS = {
     _L.Normalization: LayerSpec(AFFINE),
     # A Lambda whose function traces into keras.ops with rows is inlined as
     # those ops (`quantize.graph`); one that does not stays float.
-    **_rows((_L.LayerNormalization, _L.Conv3DTranspose, _L.Lambda), policy=FLOAT),
+    **_rows((_L.Conv3DTranspose, _L.Lambda), policy=FLOAT),
     # Unrolled over a fixed sequence length into int8 FULLY_CONNECTED, ADD,
     # MUL, LOGISTIC and TANH ops.
     **_rows((_L.LSTM, _L.GRU, _L.SimpleRNN, _L.Bidirectional), policy=RECURRENT),
@@ -130,7 +134,32 @@ _ROWS = {
         # SPLIT, REDUCE_MAX and REDUCE_MIN keep their input's scale.
         numpy_ops.Split, numpy_ops.Max, numpy_ops.Min,
     ), policy=PASSTHROUGH),
+    # -- transformer layers --
+    # FULLY_CONNECTED for the equations EinsumOp accepts; no constant folds.
+    _L.EinsumDense: LayerSpec(LINEAR, EinsumOp(), fuses_activation=True),
+    **_rows((_L.Embedding, _L.ReversibleEmbedding), policy=EMBEDDING),
+    # All int8 (PTQ leaves a float NEG in it): qat_plugin.layers.normalization.
+    _L.LayerNormalization: LayerSpec(LAYER_NORM),
 }
+
+
+def _keras_hub_rows():
+    """keras-hub's embedding classes, once keras-hub is imported (an optional
+    dependency: a model holding its layers has imported it)."""
+    if "keras_hub" not in sys.modules or _KERAS_HUB_ADDED:
+        return
+    from keras_hub.src.layers.modeling.position_embedding import PositionEmbedding
+    from keras_hub.src.layers.modeling.reversible_embedding import ReversibleEmbedding
+    from keras_hub.src.layers.modeling.token_and_position_embedding import (
+        TokenAndPositionEmbedding,
+    )
+
+    _KERAS_HUB_ADDED.append(True)
+    for cls in (PositionEmbedding, ReversibleEmbedding, TokenAndPositionEmbedding):
+        _ROWS.setdefault(cls, LayerSpec(EMBEDDING))
+
+
+_KERAS_HUB_ADDED = []
 
 
 def register_layer(layer_class, policy):
@@ -208,6 +237,7 @@ def spec_for(layer):
             return None
         return dataclasses.replace(spec, folds_output_scale=False,
                                    folds_input_scale=False)
+    _keras_hub_rows()
     return _ROWS.get(type(layer))
 
 

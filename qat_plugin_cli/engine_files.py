@@ -10,7 +10,6 @@ folder, and never imports a parent package.
 
 import ast
 import importlib.util
-import os
 import sys
 
 

@@ -399,15 +399,15 @@ def test_averages():
 def test_make_plan_returns_a_frozen_plan():
     plan, node = plan_of(chain(L.Conv2D(4, 3, name="conv"), L.BatchNormalization(name="bn"),
                                L.ReLU(name="relu"), L.LayerNormalization(name="ln")),
-                         skip=["conv"])
+                         skip=["conv", "ln"])
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.scale_folds = {}
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.skip = frozenset()
-    assert plan.skip == frozenset({"conv"})
+    assert plan.skip == frozenset({"conv", "ln"})
     for field in ("skip", "folded_scales", "folded_additions", "aliases"):
         assert isinstance(getattr(plan, field), frozenset), field
-    assert plan.is_float(node["conv"]) and plan.is_float(node["ln"])  # skip / FLOAT
+    assert plan.is_float(node["conv"]) and plan.is_float(node["ln"])  # skip
     assert not plan.is_float(node["bn"])
     # The conv is skipped: the BN heads the chain and quantizes the ReLU output.
     assert plan.quantized_key(node["bn"]) == node["relu"].outputs[0]

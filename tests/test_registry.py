@@ -125,7 +125,7 @@ def test_every_policy_has_exactly_one_builder():
 def test_linear_class_names_lists_the_conv_dense_classes():
     assert registry.linear_class_names() == [
         "Conv1D", "Conv1DTranspose", "Conv2D", "Conv2DTranspose", "Conv3D",
-        "Dense", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
+        "Dense", "DepthwiseConv1D", "DepthwiseConv2D", "EinsumDense", "SeparableConv1D",
         "SeparableConv2D",
     ]
 
@@ -174,7 +174,8 @@ def test_policy_for_exact_classes():
         (L.ZeroPadding2D(), registry.PASSTHROUGH),
         (L.Rescaling(0.5), registry.AFFINE),
         (L.Normalization(), registry.AFFINE),
-        (L.LayerNormalization(), registry.FLOAT),
+        (L.LayerNormalization(), registry.LAYER_NORM),
+        (L.Conv3DTranspose(2, 3), registry.FLOAT),
         (CustomScaleLayer(0.2), registry.SCALED_ADD),
         (LayerScale(0.1, 4), registry.CHANNEL_SCALE),
     ]

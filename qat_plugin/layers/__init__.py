@@ -5,8 +5,10 @@ from qat_plugin.layers.affine import QuantizedAffine
 from qat_plugin.layers.base import QuantizedLayer
 from qat_plugin.layers.batch_norm import QuantizedBatchNormalization
 from qat_plugin.layers.custom import QuantizedCustomLayer
+from qat_plugin.layers.embedding import QuantizedEmbedding, QuantizedTokenAndPositionEmbedding
 from qat_plugin.layers.fake_quant import FakeQuant
 from qat_plugin.layers.linear import QuantizedLinear
+from qat_plugin.layers.normalization import QuantizedLayerNormalization
 from qat_plugin.layers.operation import OperationLayer
 from qat_plugin.layers.output_wrapper import QuantizeOutputWrapper
 from qat_plugin.layers.pruned import PrunedLayer
@@ -19,8 +21,11 @@ __all__ = [
     "QuantizedAffine",
     "QuantizedBatchNormalization",
     "QuantizedCustomLayer",
+    "QuantizedEmbedding",
+    "QuantizedTokenAndPositionEmbedding",
     "QuantizedSwish",
     "QuantizedLayer",
+    "QuantizedLayerNormalization",
     "QuantizedLinear",
     "QuantizedRecurrent",
     "QuantizeOutputWrapper",

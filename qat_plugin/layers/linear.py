@@ -48,7 +48,7 @@ class QuantizedLinear(QuantizedLayer):
 
     Args:
         layer: the Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D,
-            Conv1DTranspose/Conv2DTranspose or Dense layer (a fresh copy; the layer's own activation is
+            Conv1DTranspose/Conv2DTranspose, Dense or EinsumDense layer (a fresh copy; the layer's own activation is
             ignored), or a `PrunedLayer` wrapping one.
         batch_norm: the BatchNormalization layer folded in, or None.
         activation: `"linear"`, `"relu"` or `"relu6"`, fused into the op.
@@ -91,10 +91,10 @@ class QuantizedLinear(QuantizedLayer):
             raise ValueError(
                 f"QuantizedLinear cannot wrap layer '{layer.name}' of class "
                 f"{type(layer).__name__}: supported classes are Dense, "
-                "Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D and "
-                "Conv1DTranspose/Conv2DTranspose."
+                "Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D, "
+                "Conv1DTranspose/Conv2DTranspose and EinsumDense."
             )
-        self.linear_op.check(layer)
+        self.linear_op = self.linear_op.for_layer(layer)
         check_fused_activation(layer.name, activation)
         self.layer = layer
         self.batch_norm = batch_norm
@@ -183,9 +183,7 @@ class QuantizedLinear(QuantizedLayer):
         ]
 
     def _layer_bias(self):
-        if self.layer.use_bias:
-            return self.layer.bias
-        return None
+        return self.linear_op.bias(self.layer)
 
     def _folded_bias(self):
         """The bias after folding with the moving BN statistics (or None)."""

@@ -249,10 +249,9 @@ class PrunedLayer(keras.layers.Layer):
         outputs = self.linear_op.apply(
             self.layer, inputs, self.masked_kernels(), lambda x: x
         )
-        if self.layer.use_bias:
-            outputs = self.linear_op.add_channel_vector(
-                self.layer, outputs, self.layer.bias
-            )
+        bias = self.linear_op.bias(self.layer)
+        if bias is not None:
+            outputs = self.linear_op.add_channel_vector(self.layer, outputs, bias)
         return self.layer.activation(outputs)
 
     def compute_output_shape(self, input_shape):

@@ -22,6 +22,7 @@ from qat_plugin.layers import (
     QuantizeOutputWrapper,
 )
 from qat_plugin.errors import UnsupportedLayerError
+from qat_plugin.quantize.build_transformer import TRANSFORMER_BUILDERS
 from qat_plugin.quantize.plan import average_divisor, averages
 from qat_plugin.quantize.weight_transforms import (
     composed,
@@ -286,4 +287,5 @@ BUILDERS = {
     registry.RECURRENT: build_recurrent,
     registry.PRELU: build_prelu,
     registry.FLOAT: build_float,
+    **TRANSFORMER_BUILDERS,
 }

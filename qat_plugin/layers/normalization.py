@@ -1,0 +1,118 @@
+"""LayerNormalization as a chain of int8 TFLite ops, each fake-quantized.
+
+The converter's PTQ lowers Keras' `x * inv + (beta - mean * inv)` with a
+float NEG between DEQUANTIZE and QUANTIZE (measured, TF 2.21: 12 ops on a
+centred, scaled LayerNormalization). Written as
+
+    mean = MEAN(x)                      centred = SUB(x, mean)
+    variance = MEAN(SQUARED_DIFFERENCE(x, mean))
+    inverse = RSQRT(ADD(variance, epsilon))
+    y = ADD(MUL(MUL(centred, inverse), gamma), beta)
+
+every op has an int8 kernel: 9 ops, no float op, no QUANTIZE/DEQUANTIZE.
+Each op's output gets a fake-quant of its own, where the int8 kernel
+requantizes. `rms_scaling=True` (Keras: `x * rsqrt(var(x) + epsilon) *
+gamma`) is MEAN, SQUARED_DIFFERENCE, MEAN, ADD, RSQRT, MUL, MUL.
+"""
+
+import keras
+from keras import ops
+
+from qat_plugin.layers.base import QuantizedLayer, is_exporting
+
+def _squared_difference(x, mean):
+    if is_exporting():
+        # One int8 SQUARED_DIFFERENCE op (the export always runs on TF).
+        import tensorflow as tf
+
+        return tf.math.squared_difference(x, mean)
+    return ops.square(x - mean)
+
+
+@keras.saving.register_keras_serializable(package="qat_plugin")
+class QuantizedLayerNormalization(QuantizedLayer):
+    """A LayerNormalization computed by int8 TFLite ops, each output fake-quantized.
+
+    Args:
+        layer: a fresh copy of the `keras.layers.LayerNormalization`.
+        num_bits: activation bit width.
+        ema_decay: decay of the activation range observers.
+
+    Examples:
+        >>> import numpy as np
+        >>> layer = QuantizedLayerNormalization(keras.layers.LayerNormalization())
+        >>> x = np.random.default_rng(0).normal(size=(4, 3, 8)).astype("float32")
+        >>> y = layer(x, training=True).numpy()
+        >>> want = keras.layers.LayerNormalization()(x).numpy()
+        >>> [q.name for q in layer.activation_quantizers()][-3:]
+        ['normalized', 'scaled', 'output']
+        >>> bool(np.abs(y - want).max() < 0.1)
+        True
+    """
+
+    _sublayer_keys = ("layer",)
+
+    def __init__(self, layer, num_bits=8, ema_decay=0.99, **kwargs):
+        kwargs.setdefault("name", layer.name)
+        super().__init__(num_bits=num_bits, ema_decay=ema_decay, **kwargs)
+        self.layer = layer
+        # The fake-quantized tensors, in order; the last one is "output".
+        stages = ["mean", "squares", "variance", "shifted", "inverse"]
+        stages += [] if layer.rms_scaling else ["centred"]
+        stages += ["normalized"] + (["scaled"] if layer.scale else [])
+        stages += ["centre"] if layer.center and not layer.rms_scaling else []
+        self.stages = stages
+        self.quantizers = {
+            stage: self._activation_quantizer(
+                "output" if stage == stages[-1] else stage
+            )
+            for stage in stages
+        }
+        self.output_quantizer = self.quantizers[stages[-1]]
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self._build_quantization_state()
+
+    def activation_quantizers(self):
+        return [self.quantizers[stage] for stage in self.stages]
+
+    def _broadcast(self, vector, inputs):
+        """`vector` (gamma or beta) shaped as Keras broadcasts it."""
+        rank = len(inputs.shape)
+        axes = sorted(a % rank for a in self.layer.axis)
+        if axes == [rank - 1]:
+            return vector
+        shape = [1] * rank
+        for axis in axes:
+            shape[axis] = inputs.shape[axis]
+        return ops.reshape(vector, shape)
+
+    def call(self, inputs, training=False):
+        quantize, _, ranges_frozen = self._phase(training)
+
+        def fq(step, x):
+            return self._quantize_activation(
+                self.quantizers[step], x, quantize, ranges_frozen, training
+            )
+
+        layer = self.layer
+        rank = len(inputs.shape)
+        axes = sorted(a % rank for a in layer.axis)
+        mean = fq("mean", ops.mean(inputs, axis=axes, keepdims=True))
+        squares = fq("squares", _squared_difference(inputs, mean))
+        variance = fq("variance", ops.mean(squares, axis=axes, keepdims=True))
+        shifted = fq("shifted", variance + layer.epsilon)
+        inverse = fq("inverse", ops.rsqrt(shifted))
+        x = inputs if layer.rms_scaling else fq("centred", inputs - mean)
+        x = fq("normalized", x * inverse)
+        if layer.scale:
+            x = fq("scaled", x * self._broadcast(ops.convert_to_tensor(layer.gamma), inputs))
+        if "centre" in self.stages:
+            x = fq("centre", x + self._broadcast(ops.convert_to_tensor(layer.beta), inputs))
+        self._advance(training)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
