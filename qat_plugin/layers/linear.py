@@ -122,12 +122,13 @@ class QuantizedLinear(QuantizedLayer):
             build_replica_synced(
                 self.batch_norm, self.layer.compute_output_shape(input_shape)
             )
-        if self.batch_norm is not None and self.batch_norm.center and self.layer.use_bias:
+        bias = self._layer_bias()
+        if bias is not None and self.batch_norm is not None and self.batch_norm.center:
             # Batch statistics cancel the bias while BatchNorm trains, and
             # once it is frozen the bias only adds `bias * c` to what beta
             # adds: beta trains it, the optimizer gets no variable without
             # a gradient.
-            self.layer.bias.trainable = False
+            bias.trainable = False
         self._build_quantization_state()
 
     def activation_quantizers(self):
