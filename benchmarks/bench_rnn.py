@@ -76,9 +76,10 @@ def run(kind, args, x_train, y_train, x_test, y_test):
         ptq_data = qat_plugin.export_tflite(
             model, mode="int8", representative_data=x_train[:200], calibration_steps=200)
         ptq_accuracy = tflite_accuracy(ptq_data, x_test, y_test)
-        ptq_fully_int8 = qat_plugin.inspect_tflite(ptq_data).is_fully_int8
+        ptq_report = qat_plugin.inspect_tflite(ptq_data)
+        ptq_fully_int8, ptq_ops = ptq_report.is_fully_int8, len(ptq_report.ops)
     except Exception as error:  # Reported, not hidden: the row says why.
-        ptq_accuracy, ptq_fully_int8 = None, f"failed: {str(error)[:200]}"
+        ptq_accuracy, ptq_fully_int8, ptq_ops = None, f"failed: {str(error)[:200]}", None
     return {
         "float_accuracy": float(float_accuracy),
         "control_accuracy": float(control_accuracy),
@@ -90,6 +91,7 @@ def run(kind, args, x_train, y_train, x_test, y_test):
         "parity_max_error_steps": float(parity.max_error_steps[0]),
         "ptq_int8_accuracy": ptq_accuracy,
         "ptq_fully_int8": ptq_fully_int8,
+        "ptq_ops": ptq_ops,
         "qat_epoch_seconds": qat_seconds,
     }
 
@@ -121,15 +123,17 @@ def main(argv=None):
         f"at lr {args.lr} for the float control and for QAT.",
         "",
         "| model | float | float +1 epoch (control) | QAT int8 (LiteRT) | PTQ int8 "
-        "(LiteRT) | QAT fully int8 | QAT ops | parity top-1 | parity max error (steps) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(LiteRT) | QAT fully int8 | PTQ fully int8 | ops (QAT / PTQ) | parity top-1 | "
+        "parity max error (steps) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, r in results.items():
         ptq = "-" if r["ptq_int8_accuracy"] is None else f"{r['ptq_int8_accuracy']:.4f}"
         lines.append(
             f"| {kind} | {r['float_accuracy']:.4f} | {r['control_accuracy']:.4f} | "
             f"{r['qat_int8_accuracy']:.4f} | {ptq} | {r['qat_fully_int8']} | "
-            f"{r['qat_ops']} | {r['parity_top1_agreement']:.4f} | "
+            f"{r['ptq_fully_int8']} | {r['qat_ops']} / {r['ptq_ops'] or '-'} | "
+            f"{r['parity_top1_agreement']:.4f} | "
             f"{r['parity_max_error_steps']:.2f} |")
     table = "\n".join(lines)
     print(table)
