@@ -16,6 +16,7 @@ needs a new policy.
 
 import dataclasses
 import sys
+import warnings
 
 import keras
 from keras.src.applications.convnext import LayerScale
@@ -41,6 +42,7 @@ __all__ = [
     "SCALED_ADD", "SHARED_SCALE", "LayerQuantization", "LayerSpec",
     "function_name", "register_layer", "spec_for", "policy_for",
     "linear_op_for", "linear_class_names", "activation_name",
+    "holds_registered_activation",
 ]
 
 
@@ -223,6 +225,43 @@ def register_layer(layer_class, policy):
     _ROWS[layer_class] = spec
 
 
+# An `Activation` holding a function Keras does not know by name (a Python
+# lambda, a plain function): its config does not rebuild it, so it is kept
+# float as the float model's layer itself, or traced like a Lambda
+# (`quantize.graph`).
+_UNREGISTERED_ACTIVATION = LayerSpec(FLOAT)
+
+
+def holds_registered_activation(layer):
+    """False for an `Activation` whose function Keras does not know by name.
+
+    A Python lambda or a plain function is not a registered Keras
+    activation: `keras.activations.get` of its name fails, and so does the
+    layer's `from_config(get_config())`.
+
+    Examples:
+        >>> holds_registered_activation(keras.layers.Activation("gelu"))
+        True
+        >>> holds_registered_activation(keras.layers.Activation(lambda t: t * 2.0))
+        False
+    """
+    if type(layer) is not _L.Activation:
+        return True
+    try:
+        with warnings.catch_warnings():  # Keras warns of a lambda.
+            warnings.simplefilter("ignore")
+            name = function_name(layer.activation)
+    except Exception:  # Keras cannot serialize it (no source code).
+        return False
+    if not isinstance(name, str):
+        return False
+    try:
+        keras.activations.get(name)
+    except Exception:  # A function of the user's, not registered.
+        return False
+    return True
+
+
 def spec_for(layer):
     """Returns the `LayerSpec` of `layer`'s class, or None.
 
@@ -238,6 +277,8 @@ def spec_for(layer):
         return dataclasses.replace(spec, folds_output_scale=False,
                                    folds_input_scale=False)
     _keras_hub_rows()
+    if not holds_registered_activation(layer):
+        return _UNREGISTERED_ACTIVATION
     return _ROWS.get(type(layer))
 
 

@@ -15,6 +15,8 @@ where that records only `keras.ops` calls (and layers) with registry rows,
 the recorded graph is inlined like a nested model, so the Lambda quantizes
 as the ops it computes. A Lambda that does not trace that way (TensorFlow
 ops, an op with no row) or that `skip=` names stays one node, kept float.
+An `Activation` holding a function Keras does not know by name (a Python
+lambda) is traced the same way.
 """
 
 import dataclasses
@@ -185,6 +187,14 @@ def traced_lambda(layer, arguments):
     return traced
 
 
+def _traceable(layer):
+    """A Lambda, or an Activation holding a function with no Keras name."""
+    return type(layer) is keras.layers.Lambda or (
+        type(layer) is keras.layers.Activation
+        and not registry.holds_registered_activation(layer)
+    )
+
+
 def _inline(functional, scope, aliases, nodes, keep):
     for node in _ordered_nodes(functional):
         if node.is_input:
@@ -196,7 +206,7 @@ def _inline(functional, scope, aliases, nodes, keep):
         inner = None
         if isinstance(layer, keras.Model):
             inner = _functional_of(layer)
-        elif type(layer) is keras.layers.Lambda and layer.name not in keep:
+        elif _traceable(layer) and layer.name not in keep:
             inner = traced_lambda(layer, node.arguments)
         if inner is not None:
             inner_scope = scope + (id(node),)
