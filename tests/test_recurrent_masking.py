@@ -111,3 +111,21 @@ def test_nonzero_mask_value_is_refused_naming_the_layer():
     model = keras.Model(inputs, L.Dense(2)(L.LSTM(UNITS)(masked)))
     with pytest.raises(UnsupportedLayerError, match="'pad'.*mask_value"):
         qat_plugin.quantize_model(model)
+
+
+def test_embedding_mask_zero_reaches_the_lstm_fully_int8():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 10, (32, STEPS))
+    for i in range(len(tokens)):
+        tokens[i, STEPS - i % 3:] = 0  # Padding id 0: masked.
+    inputs = keras.Input((STEPS,), dtype="int32")
+    embedded = L.Embedding(10, FEATURES, mask_zero=True)(inputs)
+    model = keras.Model(inputs, L.Dense(2)(L.LSTM(UNITS)(embedded)))
+    qat = qat_plugin.quantize_model(model)
+    qat_plugin.calibrate(qat, tokens)
+    data = qat_plugin.export_tflite(qat)
+    report = qat_plugin.inspect_tflite(data)
+    # NOT_EQUAL compares the int32 ids (the input): no float op at all.
+    assert not report.float_ops and not report.conversion_ops, report.summary()
+    assert {"NOT_EQUAL", "SELECT_V2"} <= {op.name for op in report.ops}
+    assert_parity(qat, data, tokens)
