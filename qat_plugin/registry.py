@@ -115,6 +115,11 @@ _ROWS = {
     # Unrolled over a fixed sequence length into int8 FULLY_CONNECTED, ADD,
     # MUL, LOGISTIC and TANH ops.
     **_rows((_L.LSTM, _L.GRU, _L.SimpleRNN, _L.Bidirectional), policy=RECURRENT),
+    # A mask: Masking's output is its input (mask_value 0: the masked steps
+    # are zeros already); the mask it records is NOT_EQUAL then REDUCE_ANY
+    # on the int8 input (bool outputs, no scale), read by the recurrent
+    # layers' SELECT_V2s.
+    **_rows((_L.Masking, numpy_ops.NotEqual, numpy_ops.Any), policy=PASSTHROUGH),
     **_rows((_L.Concatenate, _L.Maximum, _L.Minimum, numpy_ops.Concatenate,
              numpy_ops.Maximum, numpy_ops.Minimum), policy=SHARED_SCALE),
     **_rows((_L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D),

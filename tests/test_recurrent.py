@@ -159,11 +159,12 @@ def test_unsupported_settings_are_refused(layer, message):
         qat_plugin.quantize_model(model)
 
 
-def test_masking_is_refused_clearly():
+def test_initial_states_are_refused_clearly():
     inputs = keras.Input((STEPS, FEATURES))
-    masked = L.Masking(name="mask")(inputs)
-    model = keras.Model(inputs, L.Dense(2)(L.LSTM(UNITS, name="rnn")(masked)))
-    with pytest.raises(UnsupportedLayerError, match="'rnn'.*mask"):
+    state = keras.Input((UNITS,))
+    outputs = L.GRU(UNITS, name="rnn")(inputs, initial_state=[state])
+    model = keras.Model([inputs, state], L.Dense(2)(outputs))
+    with pytest.raises(UnsupportedLayerError, match="'rnn'.*initial states"):
         qat_plugin.quantize_model(model)
 
 

@@ -8,6 +8,7 @@ from qat_plugin.layers.custom import QuantizedCustomLayer
 from qat_plugin.layers.embedding import QuantizedEmbedding, QuantizedTokenAndPositionEmbedding
 from qat_plugin.layers.fake_quant import FakeQuant
 from qat_plugin.layers.linear import QuantizedLinear
+from qat_plugin.layers.masking import QuantizedMasking
 from qat_plugin.layers.normalization import QuantizedLayerNormalization
 from qat_plugin.layers.operation import OperationLayer
 from qat_plugin.layers.output_wrapper import QuantizeOutputWrapper
@@ -27,6 +28,7 @@ __all__ = [
     "QuantizedLayer",
     "QuantizedLayerNormalization",
     "QuantizedLinear",
+    "QuantizedMasking",
     "QuantizedRecurrent",
     "QuantizeOutputWrapper",
 ]

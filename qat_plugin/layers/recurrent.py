@@ -8,15 +8,26 @@ input and recurrent projections, each ADD and MUL, the cell and hidden
 states), shared by all steps; the gate activations have LOGISTIC's and
 TANH's fixed ranges. Kernels are snapped to their per-output-column int8
 grid in training and exported as constants on that grid, as Dense is.
+
+A mask (from `keras.layers.Masking` or `Embedding(mask_zero=True)`)
+selects, at each step, between the new and the previous states
+(`ops.where`: SELECT_V2, which keeps the scale its inputs share); a masked
+step's output is the previous output, or zeros where the layer has
+`zero_output_for_mask` (Bidirectional sets it with `return_sequences`).
 """
 
 import keras
-from keras import ops
+from keras import ops, tree
 
 from qat_plugin.errors import UnsupportedLayerError
 from qat_plugin.layers.base import QuantizedLayer, is_exporting
 from qat_plugin.layers.recurrent_cells import STEPS, roles
-from qat_plugin.quantizers import FIXED_RANGES, fake_quant_weight, select
+from qat_plugin.quantizers import (
+    FIXED_RANGES,
+    ActivationQuantizer,
+    fake_quant_weight,
+    select,
+)
 
 _KINDS = {keras.layers.LSTM: "lstm", keras.layers.GRU: "gru",
           keras.layers.SimpleRNN: "simple_rnn"}
@@ -122,6 +133,22 @@ def _fc(x, kernel, bias):
     return y if bias is None else y + bias
 
 
+def _masked(keep, h, new_state, state, zero_output):
+    """A step's output and states under its mask `keep` ([batch, 1], bool).
+
+    A masked step keeps the previous states (zeros before the first step)
+    and outputs the previous hidden state, or zeros with `zero_output`.
+    """
+    # A scalar 0.0, not ZEROS_LIKE (a float op): the converter quantizes it
+    # to the scale SELECT_V2 shares.
+    if state is None:
+        state = tree.map_structure(lambda _: 0.0, new_state)
+    state = tree.map_structure(lambda n, p: ops.where(keep, n, p), new_state, state)
+    if zero_output:
+        return ops.where(keep, h, 0.0), state
+    return tree.flatten(state)[0], state
+
+
 @keras.saving.register_keras_serializable(package="qat_plugin")
 class QuantizedRecurrent(QuantizedLayer):
     """Runs an LSTM, GRU, SimpleRNN or Bidirectional of them as int8 ops compute it.
@@ -151,6 +178,7 @@ class QuantizedRecurrent(QuantizedLayer):
     def __init__(self, layer, weight_bits=8, num_bits=8, ema_decay=0.99, **kwargs):
         kwargs.setdefault("name", layer.name)
         super().__init__(num_bits=num_bits, ema_decay=ema_decay, **kwargs)
+        self.supports_masking = True
         check_recurrent(layer)
         self.layer = layer
         self.weight_bits = weight_bits
@@ -159,7 +187,12 @@ class QuantizedRecurrent(QuantizedLayer):
             for name in ("sigmoid", "tanh")
         }
         # One hidden-state range for both directions: CONCATENATION keeps it.
-        hidden = self._activation_quantizer("hidden")
+        # It is the output's range: it joins the output's range group (a
+        # CONCATENATION after the layer, whose scale reaches every step's
+        # SELECT_V2 and PACK).
+        hidden = ActivationQuantizer("hidden", num_bits=self.num_bits,
+                                     ema_decay=self.ema_decay,
+                                     group=self.range_group)
         self.quantizers = {}
         for direction, rnn in _directions(layer):
             prefix = f"{direction}_" if direction else ""
@@ -196,7 +229,8 @@ class QuantizedRecurrent(QuantizedLayer):
 
     # -- forward ---------------------------------------------------------
 
-    def _run(self, rnn, direction, inputs, quantize, ranges_frozen, training):
+    def _run(self, rnn, direction, inputs, masks, quantize, ranges_frozen,
+             training):
         """The hidden states of one direction, in time order."""
         kind = _KINDS[type(rnn)]
         if is_exporting():
@@ -208,7 +242,11 @@ class QuantizedRecurrent(QuantizedLayer):
         weights = _weights(rnn, kernels)
         options = _options(rnn)
 
-        def q(role, x):
+        def q(role, x, first=False):
+            if first and masks is not None and role == "input_cell":
+                # A masked first step's cell state meets the later ones'
+                # in SELECT_V2, which keeps one scale: the MUL gets the cell's.
+                role = "cell"
             quantizer = (self.fixed_quantizers.get(role)
                          or self.quantizers[direction, role])
             return self._quantize_activation(
@@ -220,17 +258,26 @@ class QuantizedRecurrent(QuantizedLayer):
             steps = reversed(steps)
         outputs, state = {}, None
         for index, t in enumerate(steps):
-            h, state = STEPS[kind](inputs[:, t, :], state, index == 0, weights,
-                                   q, _fc, **options)
+            h, new_state = STEPS[kind](
+                inputs[:, t, :], state, index == 0, weights,
+                lambda role, x: q(role, x, index == 0), _fc, **options)
+            if masks is None:
+                state = new_state
+            else:
+                h, state = _masked(masks[t], h, new_state, state,
+                                   getattr(rnn, "zero_output_for_mask", False))
             outputs[t] = h
         return [outputs[t] for t in sorted(outputs)], rnn.go_backwards
 
-    def call(self, inputs, training=False):
+    def call(self, inputs, mask=None, training=False):
         quantize, _, ranges_frozen = self._phase(training)
+        # One [batch, 1] slice of the mask per step, shared by the directions.
+        masks = None if mask is None else [
+            mask[:, t:t + 1] for t in range(inputs.shape[1])]
         merged = []
         for direction, rnn in _directions(self.layer):
-            hidden, backwards = self._run(rnn, direction, inputs, quantize,
-                                          ranges_frozen, training)
+            hidden, backwards = self._run(rnn, direction, inputs, masks,
+                                          quantize, ranges_frozen, training)
             if not rnn.return_sequences:
                 merged.append(hidden[0] if backwards else hidden[-1])
             elif backwards and direction != "backward":
@@ -243,6 +290,9 @@ class QuantizedRecurrent(QuantizedLayer):
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+    def compute_mask(self, inputs, mask=None):
+        return self.layer.compute_mask(inputs, mask)
 
     def get_config(self):
         config = super().get_config()

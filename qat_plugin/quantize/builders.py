@@ -18,6 +18,7 @@ from qat_plugin.layers import (
     QuantizedBatchNormalization,
     QuantizedCustomLayer,
     QuantizedLinear,
+    QuantizedMasking,
     QuantizedRecurrent,
     QuantizeOutputWrapper,
 )
@@ -116,6 +117,11 @@ def build_output(builder, node, spec, fusion):
 
 def build_passthrough(builder, node, spec, fusion):
     """An op keeping its input's scale; one that averages rounds to it."""
+    if isinstance(node.layer, keras.layers.Masking):
+        layer = builder.layer_for(id(node.layer), lambda: QuantizedMasking(
+            node.layer.mask_value, name=node.name))
+        builder.store_outputs(node, builder.call(layer, node))
+        return
     if not averages(node.layer):
         layer = builder.layer_for(id(node.layer), lambda: builder.copy_of(node))
         builder.store_outputs(node, builder.call(layer, node))
@@ -205,21 +211,23 @@ def build_custom(builder, node, spec, fusion):
 
 
 def check_recurrent_inputs(graph, skip=()):
-    """Refuses a recurrent layer called with a mask or initial states.
+    """Refuses a recurrent layer called with initial states.
 
-    Runs before the other checks: a mask's own ops (Masking's NOT_EQUAL)
-    would otherwise be reported as layers without a policy.
+    A mask (Masking, `Embedding(mask_zero=True)`) is supported: it is an
+    input of the node besides the sequence.
     """
     for node in graph.nodes:
         if node.name in skip or registry.policy_for(node.layer) != registry.RECURRENT:
             continue
-        if node.arguments.kwargs.get("mask") is not None or len(node.inputs) > 1:
+        masked = node.arguments.kwargs.get("mask") is not None
+        if node.arguments.kwargs.get("initial_state") is not None or (
+            len(node.inputs) > 1 + masked
+        ):
             raise UnsupportedLayerError(
-                f"Layer '{node.name}' ({type(node.layer).__name__}) gets a mask "
-                "or initial states; its int8 export runs every time step from "
-                "zero states. Remove the Masking layer (or mask_zero=True) and "
-                "the initial_state argument, or keep the layer in float with "
-                f"quantize_model(..., skip=['{node.name}'])."
+                f"Layer '{node.name}' ({type(node.layer).__name__}) gets initial "
+                "states; its int8 export runs every time step from zero states. "
+                "Remove the initial_state argument, or keep the layer in float "
+                f"with quantize_model(..., skip=['{node.name}'])."
             )
 
 
@@ -231,7 +239,8 @@ def build_recurrent(builder, node, spec, fusion):
             builder.copy(node.layer),
             weight_bits=builder.scheme.weight_bits,
             name=node.name,
-            **builder.quantizer_kwargs(),
+            # Its hidden state joins the output's range group (Concatenate).
+            **builder.quantizer_kwargs(node.outputs[0]),
         ),
     )
     builder.store_outputs(node, builder.call(layer, node))

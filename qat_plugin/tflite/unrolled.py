@@ -39,7 +39,9 @@ def _unrolled_layer(layer):
         config = {**layer.get_config(), "unroll": True}
     else:
         return layer  # Shared with the original: same weights.
-    steps = layer.input.shape[1]
+    # A masked layer's input is [sequence, mask].
+    shape = keras.tree.flatten(layer.input)[0].shape
+    steps = shape[1]
     if steps is None:
         raise UnsupportedLayerError(
             f"Layer '{layer.name}' ({type(layer).__name__}) has an input with no "
@@ -49,7 +51,7 @@ def _unrolled_layer(layer):
             "keras.Input((steps, features))."
         )
     clone = type(layer).from_config(config)
-    clone.build(layer.input.shape)
+    clone.build(shape)
     clone.set_weights(layer.get_weights())
     return clone
 
