@@ -253,13 +253,16 @@ class QuantizedRecurrent(QuantizedLayer):
                 quantizer, x, quantize, ranges_frozen, training
             )
 
-        steps = range(inputs.shape[1])
+        # One UNPACK for the whole sequence, as the converter's PTQ of the
+        # unrolled layer has (a slice per step is one op per step more).
+        frames = ops.unstack(inputs, axis=1)
+        steps = range(len(frames))
         if rnn.go_backwards:
             steps = reversed(steps)
         outputs, state = {}, None
         for index, t in enumerate(steps):
             h, new_state = STEPS[kind](
-                inputs[:, t, :], state, index == 0, weights,
+                frames[t], state, index == 0, weights,
                 lambda role, x: q(role, x, index == 0), _fc, **options)
             if masks is None:
                 state = new_state
