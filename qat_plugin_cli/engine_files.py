@@ -17,6 +17,7 @@ def find_spec(fullname):
     """The module spec of `fullname` without importing any of its parents.
 
     Examples:
+        >>> import os
         >>> spec = find_spec("qat_plugin.recipes")
         >>> os.path.isfile(os.path.join(spec.submodule_search_locations[0], "int8.toml"))
         True
@@ -37,6 +38,7 @@ def package_folder(fullname):
     """The folder of package `fullname` (for instance the recipe files').
 
     Examples:
+        >>> import os
         >>> os.path.basename(package_folder("qat_plugin.config"))
         'config'
     """
