@@ -162,6 +162,14 @@ class Builder:
     def fake_quant(self, name, key):
         return FakeQuant(name=self.unique(name), **self.quantizer_kwargs(key))
 
+    def wrapped(self, node, cls):
+        """`cls(copy of node's layer)`, made once, quantizing `node`'s output."""
+        return self.layer_for(
+            id(node.layer),
+            lambda: cls(self.copy(node.layer), name=node.name,
+                        **self.quantizer_kwargs(node.outputs[0])),
+        )
+
     def layer_for(self, key, make):
         """Returns the new layer for `key`, made once: shared layers stay shared."""
         if key not in self.new_layers:

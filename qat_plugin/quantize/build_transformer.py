@@ -17,23 +17,13 @@ def build_embedding(builder, node, spec, fusion):
     """An embedding table: GATHER of an int8 table (and its reverse FULLY_CONNECTED)."""
     composite = hasattr(node.layer, "token_embedding")
     cls = QuantizedTokenAndPositionEmbedding if composite else QuantizedEmbedding
-    layer = builder.layer_for(
-        id(node.layer),
-        lambda: cls(builder.copy(node.layer), name=node.name,
-                    **builder.quantizer_kwargs(node.outputs[0])),
-    )
+    layer = builder.wrapped(node, cls)
     builder.store_outputs(node, builder.call(layer, node))
 
 
 def build_layer_norm(builder, node, spec, fusion):
     """A LayerNormalization as a chain of int8 ops, each fake-quantized."""
-    layer = builder.layer_for(
-        id(node.layer),
-        lambda: QuantizedLayerNormalization(
-            builder.copy(node.layer), name=node.name,
-            **builder.quantizer_kwargs(node.outputs[0]),
-        ),
-    )
+    layer = builder.wrapped(node, QuantizedLayerNormalization)
     builder.store_outputs(node, builder.call(layer, node))
 
 

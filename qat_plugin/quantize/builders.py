@@ -157,13 +157,7 @@ def build_activation(builder, node, spec, fusion):
 
 def build_affine(builder, node, spec, fusion):
     """Rescaling / Normalization: MUL/ADD/SUB by constants, each fake-quantized."""
-    layer = builder.layer_for(
-        id(node.layer),
-        lambda: QuantizedAffine(
-            builder.copy(node.layer), name=node.name,
-            **builder.quantizer_kwargs(node.outputs[0]),
-        ),
-    )
+    layer = builder.wrapped(node, QuantizedAffine)
     builder.store_outputs(node, builder.call(layer, node))
 
 
