@@ -67,6 +67,9 @@ The policies, following the TFLite 8-bit specification:
 - `LAYER_NORM`: LayerNormalization as MEAN, SUB, SQUARED_DIFFERENCE, MEAN,
   ADD, RSQRT, MUL, MUL, ADD, all int8, one fake-quant after each
   (`qat_plugin.layers.normalization`).
+- `ATTENTION`: `ops.dot_product_attention` (inside MultiHeadAttention) as
+  BATCH_MATMUL, MUL, SOFTMAX, BATCH_MATMUL, all int8, one fake-quant after
+  each (`qat_plugin.layers.attention`).
 """
 
 import dataclasses
@@ -90,11 +93,12 @@ FLOAT = "float"
 CUSTOM = "custom"
 EMBEDDING = "embedding"
 LAYER_NORM = "layer_norm"
+ATTENTION = "attention"
 
 POLICIES = (
     LINEAR, OUTPUT, SHARED_SCALE, PASSTHROUGH, BATCH_NORM, ACTIVATION, AFFINE,
     SCALED_ADD, CHANNEL_SCALE, RECURRENT, PRELU, FLOAT, CUSTOM,
-    EMBEDDING, LAYER_NORM,
+    EMBEDDING, LAYER_NORM, ATTENTION,
 )
 # The policies `register_layer` takes by name.
 REGISTRABLE_POLICIES = (PASSTHROUGH, OUTPUT, SHARED_SCALE, FLOAT)

@@ -21,12 +21,13 @@ import warnings
 import keras
 from keras.src.applications.convnext import LayerScale
 from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+from keras.src.ops import core as core_ops
 from keras.src.ops import image as image_ops
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
 
 from qat_plugin.layer_spec import (
-    ACTIVATION, AFFINE, BATCH_NORM, CHANNEL_SCALE, CUSTOM, EMBEDDING, FLOAT,
+    ACTIVATION, AFFINE, ATTENTION, BATCH_NORM, CHANNEL_SCALE, CUSTOM, EMBEDDING, FLOAT,
     LAYER_NORM, LINEAR, OUTPUT, PASSTHROUGH, POLICIES, PRELU, RECURRENT,
     REGISTRABLE_POLICIES, SCALED_ADD, SHARED_SCALE, LayerQuantization, LayerSpec,
     function_name,
@@ -36,7 +37,7 @@ from qat_plugin.linear_ops import (
 )
 
 __all__ = [
-    "ACTIVATION", "AFFINE", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "EMBEDDING",
+    "ACTIVATION", "AFFINE", "ATTENTION", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "EMBEDDING",
     "FLOAT", "LAYER_NORM", "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "PRELU",
     "RECURRENT", "REGISTRABLE_POLICIES",
     "SCALED_ADD", "SHARED_SCALE", "LayerQuantization", "LayerSpec",
@@ -55,7 +56,16 @@ def _relu_name(layer):
 
 
 def _softmax_name(layer):
-    return "softmax" if layer.axis in (-1, [-1], (-1,)) else None
+    """SOFTMAX runs over the last axis: -1, or its index (MultiHeadAttention
+    gives `(3,)` for its rank-4 scores)."""
+    axes = list(layer.axis) if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    if len(axes) != 1:
+        return None
+    if axes[0] == -1:
+        return "softmax"
+    nodes = getattr(layer, "_inbound_nodes", [])
+    ranks = {len(node.arguments.keras_tensors[0].shape) for node in nodes}
+    return "softmax" if ranks == {axes[0] + 1} else None
 
 
 def _bilinear(layer):
@@ -147,15 +157,30 @@ _ROWS = {
     **_rows((_L.Embedding, _L.ReversibleEmbedding), policy=EMBEDDING),
     # All int8 (PTQ leaves a float NEG in it): qat_plugin.layers.normalization.
     _L.LayerNormalization: LayerSpec(LAYER_NORM),
+    # Inside composite layers (MultiHeadAttention, keras-hub blocks), traced
+    # by `quantize.graph`. A matmul of two activations is BATCH_MATMUL, with
+    # an output scale of its own.
+    **_rows((numpy_ops.Einsum, numpy_ops.Matmul), policy=OUTPUT),
+    nn_ops.DotProductAttention: LayerSpec(ATTENTION),
+    numpy_ops.Pad: LayerSpec(PASSTHROUGH),
+    # Masks: boolean and integer ops, never quantized (as in PTQ); a cast to
+    # float of an integer tensor gets a fake-quant, like a float input.
+    **_rows((core_ops.Cast, numpy_ops.LogicalAnd, numpy_ops.LogicalOr,
+             numpy_ops.LogicalNot, numpy_ops.Equal, numpy_ops.Greater,
+             numpy_ops.GreaterEqual, numpy_ops.Less, numpy_ops.LessEqual),
+            policy=PASSTHROUGH),
 }
 
 
 def _keras_hub_rows():
-    """keras-hub's embedding classes, once keras-hub is imported (an optional
-    dependency: a model holding its layers has imported it)."""
+    """keras-hub's embedding classes and its leaf layers, once keras-hub is
+    imported (an optional dependency: a model holding its layers has
+    imported it)."""
     if "keras_hub" not in sys.modules or _KERAS_HUB_ADDED:
         return
     from keras_hub.src.layers.modeling.position_embedding import PositionEmbedding
+    from keras_hub.src.models.mit.mit_layers import DropPath
+    from keras_hub.src.models.whisper.whisper_backbone import Padder
     from keras_hub.src.layers.modeling.reversible_embedding import ReversibleEmbedding
     from keras_hub.src.layers.modeling.token_and_position_embedding import (
         TokenAndPositionEmbedding,
@@ -164,6 +189,10 @@ def _keras_hub_rows():
     _KERAS_HUB_ADDED.append(True)
     for cls in (PositionEmbedding, ReversibleEmbedding, TokenAndPositionEmbedding):
         _ROWS.setdefault(cls, LayerSpec(EMBEDDING))
+    # Stochastic depth: the identity at inference.
+    _ROWS.setdefault(DropPath, LayerSpec(PASSTHROUGH))
+    # Whisper's one zero row in front of the frames: PAD keeps the scale.
+    _ROWS.setdefault(Padder, LayerSpec(PASSTHROUGH, pads_with_zeros=True))
 
 
 _KERAS_HUB_ADDED = []

@@ -98,7 +98,7 @@ def test_the_table_is_the_trained_one_on_its_own_int8_grid():
 
 
 def test_reverse_logits_use_the_table_as_a_per_row_weight():
-    layer = QuantizedEmbedding(H.ReversibleEmbedding(VOCABULARY, DIM))
+    layer = QuantizedEmbedding(H.ReversibleEmbedding(VOCABULARY, DIM), reverse=True)
     ids = np.arange(4, dtype="int32")[None]
     hidden = np.random.default_rng(1).normal(size=(1, 4, DIM)).astype("float32")
     layer(ids, training=True)

@@ -182,16 +182,17 @@ def test_a_subclassed_model_is_refused_with_what_to_do():
         LayerGraph.from_model(model)
     message = str(error.value)
     assert "'sub' is a subclassed keras.Model (_Subclassed)" in message
-    assert "build the model with `keras.Input`" in message
+    assert "quantize_model(keras.Model(inputs, model(inputs)))" in message
     assert isinstance(error.value, TypeError)  # Its built-in base.
 
 
-def test_a_subclassed_model_nested_in_a_functional_one_is_refused():
+def test_a_subclassed_model_nested_in_a_functional_one_is_traced_through_its_call():
     inner = _Subclassed(name="inner_sub")
     inputs = keras.Input((3,))
     model = keras.Model(inputs, inner(inputs))
-    with pytest.raises(qat_plugin.UnsupportedModelError, match="'inner_sub' is a subclassed"):
-        LayerGraph.from_model(model)
+    graph = LayerGraph.from_model(model)
+    assert [node.name for node in graph.nodes] == ["inner_sub_dense"]
+    assert graph.nodes[0].layer is inner.dense
 
 
 def test_a_layer_is_not_a_model():

@@ -1,7 +1,8 @@
 """The Keras layers a quantized model is built from."""
 
-from qat_plugin.layers.activation import QuantizedSwish
+from qat_plugin.layers.activation import QuantizedHardSigmoid, QuantizedSwish
 from qat_plugin.layers.affine import QuantizedAffine
+from qat_plugin.layers.attention import QuantizedDotProductAttention, QuantizedMaskedSoftmax
 from qat_plugin.layers.base import QuantizedLayer
 from qat_plugin.layers.batch_norm import QuantizedBatchNormalization
 from qat_plugin.layers.custom import QuantizedCustomLayer
@@ -22,13 +23,16 @@ __all__ = [
     "QuantizedAffine",
     "QuantizedBatchNormalization",
     "QuantizedCustomLayer",
+    "QuantizedDotProductAttention",
     "QuantizedEmbedding",
+    "QuantizedHardSigmoid",
     "QuantizedTokenAndPositionEmbedding",
     "QuantizedSwish",
     "QuantizedLayer",
     "QuantizedLayerNormalization",
     "QuantizedLinear",
     "QuantizedMasking",
+    "QuantizedMaskedSoftmax",
     "QuantizedRecurrent",
     "QuantizeOutputWrapper",
 ]

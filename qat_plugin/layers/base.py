@@ -224,9 +224,12 @@ class QuantizedLayer(keras.layers.Layer):
         self.range_group = range_group
         self._export_constants = None
 
-    def _activation_quantizer(self, name, fixed_range=None, average_divisor=None):
-        """A quantizer; the one named "output" joins the layer's range group."""
-        in_group = name == "output" and fixed_range is None
+    def _activation_quantizer(self, name, fixed_range=None, average_divisor=None,
+                              grouped=None):
+        """A quantizer; the one named "output" (or `grouped`) joins the
+        layer's range group."""
+        in_group = (name == "output" if grouped is None else grouped) and (
+            fixed_range is None)
         return ActivationQuantizer(
             name,
             num_bits=self.num_bits,
@@ -308,11 +311,13 @@ class QuantizedLayer(keras.layers.Layer):
             self.qat_step.assign_add(1)
 
     def _quantize_activation(self, quantizer, x, quantize, ranges_frozen,
-                             training):
-        """Observes (when training) and fake-quantizes `x` with `quantizer`."""
+                             training, observe=True):
+        """Observes (when training, unless not `observe`) and fake-quantizes
+        `x` with `quantizer`."""
         if is_exporting():
             return quantizer.quantize(x, *quantizer.current_range())
-        observing = (training or is_calibrating()) and quantizer.fixed_range is None
+        observing = observe and (training or is_calibrating()) and (
+            quantizer.fixed_range is None)
         if observing:
             range_min, range_max = quantizer.observe(x, ranges_frozen)
         else:

@@ -48,6 +48,9 @@ class QuantizedEmbedding(QuantizedLayer):
             `PositionEmbedding`.
         num_bits: activation bit width.
         ema_decay: decay of the logits' range observer (reverse calls).
+        reverse: the layer is called with `reverse=True` somewhere in the
+            model (its logits get an observed range; a ReversibleEmbedding
+            only ever called forward, as in BERT, has none to observe).
 
     Examples:
         >>> import numpy as np
@@ -62,14 +65,14 @@ class QuantizedEmbedding(QuantizedLayer):
 
     _sublayer_keys = ("layer",)
 
-    def __init__(self, layer, num_bits=8, ema_decay=0.99, **kwargs):
+    def __init__(self, layer, num_bits=8, ema_decay=0.99, reverse=False, **kwargs):
         kwargs.setdefault("name", layer.name)
         super().__init__(num_bits=num_bits, ema_decay=ema_decay, **kwargs)
         self.layer = layer
         self.positional = hasattr(layer, "sequence_length")
+        self.reverse = bool(reverse)
         self.output_quantizer = (
-            self._activation_quantizer("output")
-            if isinstance(layer, keras.layers.ReversibleEmbedding) else None
+            self._activation_quantizer("output") if self.reverse else None
         )
         self.supports_masking = layer.supports_masking
 
@@ -98,6 +101,11 @@ class QuantizedEmbedding(QuantizedLayer):
     def call(self, inputs, reverse=False, start_index=0, training=False):
         quantize, _, ranges_frozen = self._phase(training)
         if reverse:
+            if not self.reverse:
+                raise ValueError(
+                    f"Layer '{self.name}' was quantized without reverse calls; "
+                    "quantize the model that calls it with reverse=True."
+                )
             if is_exporting():
                 kernel = ops.convert_to_tensor(self._export_constants["reverse"])
             else:
@@ -125,6 +133,11 @@ class QuantizedEmbedding(QuantizedLayer):
         if self.positional or not getattr(self.layer, "mask_zero", False):
             return None
         return ops.not_equal(inputs, 0)
+
+    def get_config(self):
+        config = super().get_config()
+        config["reverse"] = self.reverse
+        return config
 
     # No compute_output_shape: the shape of a reverse call differs, and
     # Keras infers both by tracing `call`.

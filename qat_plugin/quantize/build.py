@@ -14,9 +14,10 @@ import keras
 from keras import tree
 
 from qat_plugin import registry
-from qat_plugin.layers import FakeQuant, OperationLayer, QuantizedSwish, QuantizeOutputWrapper
-from qat_plugin.layers.activation import GATED_ACTIVATIONS
+from qat_plugin.layers import FakeQuant, OperationLayer, QuantizeOutputWrapper
+from qat_plugin.layers.activation import SPLIT_ACTIVATIONS
 from qat_plugin.layers.operation import argument_template
+from qat_plugin.linear_ops import concrete_output_shape
 from qat_plugin.quantize.builders import BUILDERS, build_float
 from qat_plugin.quantize.qat_model import QATModel
 from qat_plugin.quantize.plan import check_activation_bits
@@ -27,8 +28,14 @@ from qat_plugin.quantizers import FIXED_RANGES
 _HALF_DTYPES = ("float16", "bfloat16")
 
 
-def _clone(layer):
+def _clone(layer, name=None, input_shape=None):
     config = layer.get_config()
+    if name is not None:
+        config["name"] = name
+    if isinstance(layer, keras.layers.EinsumDense) and input_shape is not None:
+        # Concrete sizes, so the layers after it get concrete shapes too.
+        config["output_shape"] = concrete_output_shape(
+            layer.equation, config["output_shape"], input_shape)
     if layer.dtype_policy.compute_dtype in _HALF_DTYPES:
         # Fake-quant mimics int8 arithmetic, which float16 cannot hold
         # exactly; the export holds no float16 op (a CAST pair otherwise).
@@ -102,9 +109,11 @@ class Builder:
         self.names.add(candidate)
         return candidate
 
-    def copy(self, layer, transform=None):
-        """A fresh copy of `layer`; its weights (through `transform`) follow."""
-        copy = _clone(layer)
+    def copy(self, layer, transform=None, name=None, input_shape=None):
+        """A fresh copy of `layer` (renamed `name`; an EinsumDense made
+        concrete for `input_shape`); its weights (through `transform`)
+        follow."""
+        copy = _clone(layer, name, input_shape)
         self.weight_pairs.append((layer, copy, transform))
         return copy
 
@@ -126,7 +135,7 @@ class Builder:
         if not layer.weights and not half:
             return layer
         try:
-            return self.copy(layer)
+            return self.copy(layer, name=node.name)
         except Exception as error:  # A third-party from_config failing.
             warnings.warn(
                 f"Layer '{layer.name}' ({type(layer).__name__}) is kept float, "
@@ -145,7 +154,9 @@ class Builder:
         `OperationLayer` that keeps the call's constant arguments.
         """
         if isinstance(node.layer, keras.layers.Layer):
-            return self.copy(node.layer)
+            # Named as the node: sublayers of two composite layers may
+            # share a name (keras-hub names them).
+            return self.copy(node.layer, name=node.name)
         template, _ = argument_template(node.arguments.args, node.arguments.kwargs)
         return OperationLayer(node.layer, arguments=template, name=node.name)
 
@@ -200,13 +211,13 @@ class Builder:
     def quantized_activation(self, layer, name, layer_name, key):
         """The quantized form of activation `layer` computing `name`.
 
-        Swish is two int8 ops (LOGISTIC, MUL); every other activation is
-        one, with an observed or (sigmoid, softmax, tanh) fixed output range.
-        `key` is the output tensor's.
+        Swish (LOGISTIC, MUL) and hard sigmoid (ADD, MUL) are two int8
+        ops; every other activation is one, with an observed or (sigmoid,
+        softmax, tanh) fixed output range. `key` is the output tensor's.
         """
         kwargs = self.quantizer_kwargs(key)
-        if name in GATED_ACTIVATIONS:
-            return QuantizedSwish(layer, name=layer_name, **kwargs)
+        if name in SPLIT_ACTIVATIONS:
+            return SPLIT_ACTIVATIONS[name](layer, name=layer_name, **kwargs)
         fixed_range = FIXED_RANGES.get(name)
         if fixed_range is not None:
             kwargs.pop("range_group", None)  # The kernel fixes the scale.

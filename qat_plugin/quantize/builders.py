@@ -19,12 +19,13 @@ from qat_plugin.layers import (
     QuantizedCustomLayer,
     QuantizedLinear,
     QuantizedMasking,
+    QuantizedMaskedSoftmax,
     QuantizedRecurrent,
     QuantizeOutputWrapper,
 )
 from qat_plugin.errors import UnsupportedLayerError
 from qat_plugin.quantize.build_transformer import TRANSFORMER_BUILDERS
-from qat_plugin.quantize.plan import average_divisor, averages
+from qat_plugin.quantize.plan import average_divisor, averages, masked_softmax
 from qat_plugin.quantize.weight_transforms import (
     composed,
     scaled_kernel,
@@ -57,7 +58,8 @@ def build_linear(builder, node, spec, fusion):
     layer = builder.layer_for(
         id(node.layer),
         lambda: QuantizedLinear(
-            builder.copy(node.layer, transform),
+            builder.copy(node.layer, transform,
+                         input_shape=node.arguments.keras_tensors[0].shape),
             batch_norm=None
             if fusion.batch_norm is None
             else builder.copy(fusion.batch_norm.layer),
@@ -73,8 +75,10 @@ def build_linear(builder, node, spec, fusion):
         wrapper = builder.layer_for(
             ("activation", id(node.layer)),
             lambda: builder.quantized_activation(
+                # The function itself: a registered one of a library's
+                # ("keras_hub>gelu_approximate") is no activation name.
                 keras.layers.Activation(
-                    own_activation, name=f"{node.name}_activation"
+                    node.layer.activation, name=f"{node.name}_activation"
                 ),
                 own_activation,
                 builder.unique(f"{node.name}_activation"),
@@ -99,10 +103,37 @@ def build_batch_norm(builder, node, spec, fusion):
     builder.tensors[fusion.tail.outputs[0]] = builder.call(layer, node)
 
 
+# Merge layers that TensorFlow computes as a chain of binary ops, each
+# with an output scale of its own in int8.
+_CHAINED_MERGES = (keras.layers.Add, keras.layers.Multiply)
+
+
+def _chain_heads(builder, node):
+    """`Add()([a, b, c])` is ADD(ADD(a, b), c): the inner ops, quantized;
+    returns the two inputs of the last one."""
+    values = [builder.tensors[key] for key in node.inputs]
+    merge = type(node.layer)
+    for index in range(len(values) - 2):
+        layer = builder.layer_for(
+            ("chain", id(node.layer), index),
+            lambda: QuantizeOutputWrapper(
+                merge(), name=builder.unique(f"{node.name}_{index}"),
+                **builder.quantizer_kwargs()),
+        )
+        values[:2] = [layer(values[:2])]
+    return values
+
+
 def build_output(builder, node, spec, fusion):
     """An op with one output fake-quant after its fused activation."""
     activation = fusion.activation_name if fusion else "linear"
     tail = fusion.tail if fusion else node
+    if isinstance(node.layer, _CHAINED_MERGES) and len(node.inputs) > 2:
+        last = builder.layer_for(id(node.layer), lambda: QuantizeOutputWrapper(
+            type(node.layer)(), activation=activation, name=node.name,
+            **builder.quantizer_kwargs(tail.outputs[0])))
+        builder.tensors[tail.outputs[0]] = last(_chain_heads(builder, node))
+        return
     layer = builder.layer_for(
         id(node.layer),
         lambda: QuantizeOutputWrapper(
@@ -124,7 +155,15 @@ def build_passthrough(builder, node, spec, fusion):
         return
     if not averages(node.layer):
         layer = builder.layer_for(id(node.layer), lambda: builder.copy_of(node))
-        builder.store_outputs(node, builder.call(layer, node))
+        outputs = builder.call(layer, node)
+        inputs = [builder.tensors[key] for key in node.inputs]
+        if _is_float(outputs) and inputs and not any(map(_is_float, inputs)):
+            # An integer tensor made float (a mask) is quantized like an input.
+            outputs = builder.layer_for(
+                ("cast", id(node.layer)),
+                lambda: builder.fake_quant(f"{node.name}_quantize", node.outputs[0]),
+            )(outputs)
+        builder.store_outputs(node, outputs)
         return
     layer = builder.layer_for(
         id(node.layer),
@@ -140,9 +179,20 @@ def build_passthrough(builder, node, spec, fusion):
     builder.store_outputs(node, builder.call(layer, node))
 
 
+def _is_float(tensor):
+    return "float" in str(getattr(tensor, "dtype", ""))
+
+
 def build_activation(builder, node, spec, fusion):
     """An activation not fused into the op before it."""
     name = spec.activation_for(node.layer)
+    if masked_softmax(node):
+        layer = builder.layer_for(id(node.layer), lambda: QuantizedMaskedSoftmax(
+            axis=node.layer.axis, name=node.name,
+            **builder.quantizer_kwargs(node.inputs[0])))
+        scores, mask = (builder.tensors[key] for key in node.inputs)
+        builder.store_outputs(node, layer(scores, mask))
+        return
     if name == "linear":
         layer = builder.layer_for(id(node.layer), lambda: builder.copy_of(node))
     else:

@@ -320,20 +320,24 @@ def plan_range_groups(graph, skip, fusions, aliases):
         for key in keys[1:]:
             parent[root(key)] = first
 
-    owners = []  # Nodes whose tensors need one range: a group each.
+    owners = []  # (name, key) of the tensors that need one range: a group each.
     for node in graph.nodes:
         if is_float(node, skip):
             continue
         policy = registry.policy_for(node.layer)
         if policy == registry.SHARED_SCALE:
             link(list(node.inputs) + list(node.outputs))
-            owners.append(node)
+            owners.append((node.name, node.outputs[0]))
         elif id(node) in aliases or (
             policy == registry.PASSTHROUGH and len(node.inputs) == 1
         ):
             link(list(node.inputs) + list(node.outputs))
             if averages(node.layer):
-                owners.append(node)
+                owners.append((node.name, node.outputs[0]))
+        elif masked_softmax(node):
+            # Its SELECT_V2 keeps the input's scale, which it reads.
+            parent.setdefault(node.inputs[0], node.inputs[0])
+            owners.append((node.name, node.inputs[0]))
     for calls in graph.calls.values():
         # One layer, one output quantizer: all its calls have its range.
         policy = registry.policy_for(calls[0].layer)
@@ -347,15 +351,32 @@ def plan_range_groups(graph, skip, fusions, aliases):
     # members by name, and two QAT models of one name may share a file.
     suffix = uuid.uuid4().hex[:8]
     groups = {}
-    for node in owners:  # Named after the chain's last one.
-        groups[root(node.outputs[0])] = RangeGroup(
-            f"{graph.name}/{node.name}/{suffix}"
-        )
+    for name, key in owners:  # Named after the chain's last one.
+        groups[root(key)] = RangeGroup(f"{graph.name}/{name}/{suffix}")
     return {
         key: groups[root(key)]
         for key in set(parent) | set(parent.values())
         if root(key) in groups
     }
+
+
+def masked_softmax(node):
+    """True for a Softmax layer called with a mask (MultiHeadAttention's).
+
+    Examples:
+        >>> import keras
+        >>> scores = keras.Input((2, 3))
+        >>> mask = keras.Input((2, 3), dtype="bool")
+        >>> y = keras.layers.Softmax()(scores, mask=mask)
+        >>> node = y._keras_history.operation._inbound_nodes[0]
+        >>> from qat_plugin.quantize.graph import OpNode
+        >>> masked_softmax(OpNode(node.operation, node.arguments, (), [], []))
+        True
+    """
+    if type(node.layer) is not keras.layers.Softmax:
+        return False
+    args, kwargs = node.arguments.args, node.arguments.kwargs
+    return kwargs.get("mask", args[1] if len(args) > 1 else None) is not None
 
 
 def check_activation_bits(plan, activation_bits):

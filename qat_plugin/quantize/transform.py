@@ -192,7 +192,12 @@ def _check_registered(graph, skip):
     for name, layer in missing.items():
         cls = type(layer)
         where = f"{cls.__module__}.{cls.__name__}"
-        if isinstance(layer, keras.layers.Layer):
+        if name in graph.untraced:
+            lines.append(
+                f"  - '{name}': class {where}, a composite layer that cannot be "
+                f"quantized inside: {graph.untraced[name]}"
+            )
+        elif isinstance(layer, keras.layers.Layer):
             lines.append(f"  - '{name}': class {where}")
         else:
             lines.append(
