@@ -185,3 +185,58 @@ def test_fixed_shape_models_export_as_before_and_accept_a_matching_shape():
     model = keras.Sequential([keras.Input((4,), name="x"), L.Dense(2)])
     assert qat_plugin.export_tflite(model, mode="float", input_shape=(4,)) == \
         qat_plugin.export_tflite(model, mode="float")
+
+
+@pytest.fixture(scope="module")
+def token_qat():
+    x = token_batch()
+    return calibrated(token_model(), x), x
+
+
+def test_keras_litert_export_takes_an_input_signature(token_qat, tmp_path):
+    qat, _ = token_qat
+    expected = qat_plugin.export_tflite(qat, input_shape=(12,))
+    qat.export(str(tmp_path / "sig.tflite"), format="litert", verbose=False,
+               input_signature=[keras.InputSpec(shape=(None, 12), dtype="int32")])
+    assert (tmp_path / "sig.tflite").read_bytes() == expected
+    qat.export(str(tmp_path / "shape.tflite"), format="litert", verbose=False,
+               input_shape=(12,))
+    assert (tmp_path / "shape.tflite").read_bytes() == expected
+    with pytest.raises(ExportError, match="Input 'tokens'.*Pass input_shape="):
+        qat.export(str(tmp_path / "none.tflite"), format="litert", verbose=False)
+    with pytest.raises(ExportError, match="input_signature.*dimension 1 is None"):
+        qat.export(str(tmp_path / "none.tflite"), format="litert", verbose=False,
+                   input_signature=[keras.InputSpec(shape=(None, None), dtype="int32")])
+    assert not (tmp_path / "none.tflite").exists()
+
+
+def test_callback_compare_and_cli_take_the_input_shape(token_qat, tmp_path, capsys):
+    from qat_plugin.callbacks import TFLiteExport
+    from qat_plugin_cli import main
+
+    qat, x = token_qat
+    y = x[:, 0] % 3
+    qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ExportError, match="Input 'tokens'"):  # Before the first epoch.
+        qat.fit(x, y, epochs=1, verbose=0, callbacks=[TFLiteExport(str(tmp_path / "a.tflite"))])
+    export = TFLiteExport(str(tmp_path / "b.tflite"), validation_data=(x, y), input_shape=(12,))
+    qat.fit(x, y, epochs=1, verbose=0, callbacks=[export])
+    assert input_details((tmp_path / "b.tflite").read_bytes())[0][1] == [1, 12]
+    assert export.int8_accuracy is not None and export.get_config()["input_shape"] == (12,)
+
+    model = token_model()
+    report = qat_plugin.analysis.compare(model, qat, eval_data=(x, y), modes=("float",),
+                                         latency_runs=1, warmup_runs=0, input_shape=(12,))
+    assert [row.name for row in report.rows] == ["float", "qat-int8"]
+    with pytest.raises(ExportError, match="Input 'tokens'"):
+        qat_plugin.analysis.compare(model, eval_data=(x, y), modes=("float",))
+
+    model.save(tmp_path / "tokens.keras")
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
+    command = ["compare", str(tmp_path / "tokens.keras"), "--data", str(tmp_path / "eval.npz"),
+               "--modes", "float", "--latency-runs", "1"]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "Input 'tokens'" in err and "--input-shape NAME=16,16,3" in err
+    assert main(command + ["--input-shape", "tokens=12"]) == 0
+    assert "| float |" in capsys.readouterr().out
