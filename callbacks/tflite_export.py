@@ -11,6 +11,7 @@ from qat_plugin.analysis.metrics import top1_accuracy
 from qat_plugin.errors import UnwritablePathError
 from qat_plugin.layers.base import is_quantized
 from qat_plugin.tflite.convert import export_tflite
+from qat_plugin.tflite.input_shapes import export_input_specs
 from qat_plugin.files import check_writable, write_bytes_atomic
 from qat_plugin.tflite.interpreter import TFLiteModel
 
@@ -55,6 +56,10 @@ class TFLiteExport(keras.callbacks.Callback):
         save_best_only: export only when `monitor` improves.
         validation_data: `(x, y)` arrays to score the exported model on.
         batch_size: interpreter batch size.
+        input_shape: the fixed shape of inputs of undefined size, as in
+            `export_tflite(..., input_shape=...)`. A model with such an input
+            and no `input_shape` fails when training begins (an
+            `ExportError` naming the input), not after the last epoch.
 
     Examples:
         >>> import os, tempfile, keras, numpy as np, qat_plugin
@@ -78,6 +83,7 @@ class TFLiteExport(keras.callbacks.Callback):
         save_best_only=False,
         validation_data=None,
         batch_size=256,
+        input_shape=None,
     ):
         super().__init__()
         filepath = os.fspath(filepath)
@@ -108,6 +114,7 @@ class TFLiteExport(keras.callbacks.Callback):
         self.save_best_only = save_best_only
         self.validation_data = validation_data
         self.batch_size = batch_size
+        self.input_shape = input_shape
         if mode == "auto":
             name = monitor.lower()
             mode = "max" if "acc" in name or name.startswith("fmeasure") else "min"
@@ -126,6 +133,7 @@ class TFLiteExport(keras.callbacks.Callback):
                 "pass the model returned by qat_plugin.quantize_model (export "
                 "float models with qat_plugin.export_tflite(model, mode=...))."
             )
+        export_input_specs(self.model, self.input_shape)  # Fails before epoch 1.
         if is_primary_process():
             self._check_folder()
         self.best = None
@@ -203,7 +211,7 @@ class TFLiteExport(keras.callbacks.Callback):
     def _export_if_best(self, epoch, logs):
         data = None
         if self.monitor.startswith("int8_"):
-            data = export_tflite(self.model)
+            data = export_tflite(self.model, input_shape=self.input_shape)
             logs.update(self._score(data))
         current = logs.get(self.monitor)
         if current is None:
@@ -234,7 +242,7 @@ class TFLiteExport(keras.callbacks.Callback):
 
     def _export(self, epoch, logs, data=None):
         if data is None:
-            data = export_tflite(self.model)
+            data = export_tflite(self.model, input_shape=self.input_shape)
             logs.update(self._score(data))
         path = self._path(epoch, logs)
         if is_primary_process():  # one writer in multi-process training
@@ -259,6 +267,7 @@ class TFLiteExport(keras.callbacks.Callback):
             "mode": self.mode,
             "save_best_only": self.save_best_only,
             "batch_size": self.batch_size,
+            "input_shape": self.input_shape,
         }
 
     @classmethod

@@ -127,8 +127,20 @@ def _compare(args):
     import qat_plugin
     from qat_plugin.analysis.layerwise import layerwise_error
 
+    from qat_plugin.errors import ExportError
+    from qat_plugin.tflite.input_shapes import export_input_specs
+    from qat_plugin_cli.arguments import input_shapes
+
     model = load_keras_model(args.model, "model")
     qat_model = load_keras_model(args.qat, "--qat") if args.qat else None
+    input_shape = input_shapes(args.input_shape)
+    try:
+        export_input_specs(model, input_shape)
+    except ExportError as error:
+        raise ExportError(
+            f"{error} On the command line: --input-shape 16,16,3 for one input, "
+            "--input-shape NAME=16,16,3 for each of several."
+        ) from None
     eval_data, calibration = _compare_data(args, model)
     status(f"qat-plugin: exporting {', '.join(args.modes)}"
            f"{' and the QAT model' if qat_model is not None else ''} and measuring "
@@ -141,6 +153,7 @@ def _compare(args):
         modes=args.modes,
         num_threads=args.threads,
         latency_runs=args.latency_runs,
+        input_shape=input_shape,
     )
     print(report.to_json() if args.json else report.to_markdown())
     if args.output:

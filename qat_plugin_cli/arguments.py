@@ -72,6 +72,53 @@ def mode_list(text):
     return tuple(dict.fromkeys(modes))
 
 
+def input_shape_item(text):
+    """Parses one `--input-shape`: `16,16,3`, or `NAME=12` for one of several inputs.
+
+    Returns `(name, shape)`, the name `None` when none is given.
+
+    Examples:
+        >>> input_shape_item("16, 16, 3"), input_shape_item("tokens=12")
+        ((None, (16, 16, 3)), ('tokens', (12,)))
+        >>> input_shape_item("tokens=twelve")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: expected sizes of 1 or more separated by commas ...
+    """
+    name, _, sizes = text.rpartition("=")
+    try:
+        shape = tuple(int(s) for s in sizes.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            "expected sizes of 1 or more separated by commas (one sample's "
+            f"shape, without the batch axis: 16,16,3), optionally NAME=, got {text!r}."
+        )
+    return (name.strip() or None), shape
+
+
+def input_shapes(items, argument="--input-shape"):
+    """Turns parsed `--input-shape` items into `export_tflite`'s `input_shape`.
+
+    Examples:
+        >>> input_shapes([(None, (12,))]), input_shapes([("a", (4,)), ("b", (2, 3))])
+        ((12,), {'a': (4,), 'b': (2, 3)})
+        >>> input_shapes(None) is None
+        True
+    """
+    if not items:
+        return None
+    if len(items) == 1 and items[0][0] is None:
+        return items[0][1]
+    if any(name is None for name, _ in items):
+        raise UsageError(
+            f"{argument}: with several inputs name each one: {argument} "
+            f"NAME=16,16,3 {argument} OTHER=12."
+        )
+    return dict(items)
+
+
 def build_parser():
     """The `qat-plugin` argument parser (every subcommand, `--verbose`).
 
@@ -124,6 +171,11 @@ def build_parser():
     compare.add_argument("--max-samples", type=positive_int,
                          help="evaluate only the first N samples (N >= 1; default: all)")
     compare.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    compare.add_argument(
+        "--input-shape", type=input_shape_item, action="append", metavar="[NAME=]SIZES",
+        help="fixed shape of an input of undefined size, one sample without the "
+        "batch axis: 16,16,3 (images of any size) or tokens=128 (one per input)",
+    )
 
     inspect = commands.add_parser("inspect", parents=[common],
                                   help="print a .tflite model's ops and types")
@@ -191,6 +243,7 @@ def check(args):
         if args.data != BUILTIN_DATA:
             _existing(args.data, "--data")
         _existing(args.calibration, "--calibration")
+        input_shapes(args.input_shape)
     elif args.command == "inspect":
         if not os.path.exists(args.model):
             raise UsageError(f"No .tflite file at {args.model}.")

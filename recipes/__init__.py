@@ -145,9 +145,9 @@ class Recipe(RecipeConfig):
             "allow_select_tf_ops": self.export.allow_select_tf_ops,
         }
 
-    def export_tflite(self, model, path=None):
-        """`export_tflite(model, path, **self.export_kwargs())`."""
-        return export_tflite(model, path, **self.export_kwargs())
+    def export_tflite(self, model, path=None, *, input_shape=None):
+        """`export_tflite(model, path, input_shape=..., **self.export_kwargs())`."""
+        return export_tflite(model, path, input_shape=input_shape, **self.export_kwargs())
 
     def inspect(self, tflite):
         """`inspect_tflite` with the recipe's target checked."""

@@ -23,6 +23,7 @@ from qat_plugin.data.batches import labelled_arrays, model_call_inputs
 from qat_plugin.layers.base import is_quantized
 from qat_plugin.config.constants import CALIBRATED_MODES, MODES
 from qat_plugin.tflite.convert import export_tflite
+from qat_plugin.tflite.input_shapes import export_input_specs
 from qat_plugin.tflite.inspection import inspect_tflite
 from qat_plugin.tflite.interpreter import TFLiteModel
 
@@ -96,6 +97,7 @@ def compare(
     batch_size=256,
     calibration_steps=200,
     verbose="auto",
+    input_shape=None,
 ):
     """Exports QAT and PTQ candidates and measures each in the LiteRT interpreter.
 
@@ -133,6 +135,9 @@ def compare(
         batch_size: samples per interpreter invoke during evaluation.
         calibration_steps: calibration samples for the PTQ int modes.
         verbose: `"auto"` (progress bar for long evaluations), 0 or 1.
+        input_shape: the fixed shape of inputs of undefined size (token ids
+            `(None,)`, images `(None, None, 3)`) for every candidate, as in
+            `export_tflite`; `eval_data` must have that shape.
 
     Returns:
         A `ComparisonReport`: `str(report)` is a Markdown table,
@@ -167,6 +172,7 @@ def compare(
         )
     if not modes and qat_model is None:
         raise ValueError("Nothing to compare: give modes or a qat_model.")
+    export_input_specs(float_model, input_shape)  # Fails before any data is read.
     _check_counts(latency_runs=latency_runs, batch_size=batch_size,
                   warmup_runs=(warmup_runs, 0),
                   **({} if num_threads is None else {"num_threads": num_threads}))
@@ -201,10 +207,11 @@ def compare(
     for name, mode, model in candidates:
         start = time.perf_counter()
         if model is qat_model:
-            data = export_tflite(model)
+            data = export_tflite(model, input_shape=input_shape)
         else:
             data = export_tflite(
                 model,
+                input_shape=input_shape,
                 mode=mode,
                 representative_data=representative_data,
                 calibration_steps=calibration_steps,

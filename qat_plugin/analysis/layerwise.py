@@ -34,6 +34,7 @@ from qat_plugin.analysis.matching import LayerMatcher, match_tensors
 from qat_plugin.data.batches import calibration_samples, model_call_inputs
 from qat_plugin.config.constants import CALIBRATED_MODES
 from qat_plugin.tflite.convert import float_converter
+from qat_plugin.tflite.input_shapes import export_input_specs
 from qat_plugin.tflite.interpreter import TFLiteModel, dequantize_array
 
 
@@ -236,12 +237,13 @@ def layerwise_error(reference_model, tflite_model, data, *, max_samples=128,
 
 
 def ptq_local_error(float_model, representative_data, data, *, mode="int8",
-                    calibration_steps=200, max_samples=64):
+                    calibration_steps=200, max_samples=64, input_shape=None):
     """Per-op error of a PTQ model from `tf.lite.experimental.QuantizationDebugger`.
 
     Unlike `layerwise_error`, each op is fed the float model's own input, so
     a row shows the error that op adds by itself, not the accumulated one.
     Only for PTQ: the debugger re-runs the converter's calibration.
+    `input_shape` fixes inputs of undefined size, as in `export_tflite`.
 
     Returns:
         A list of dicts in execution order: `layer` (the Keras layer the
@@ -263,9 +265,11 @@ def ptq_local_error(float_model, representative_data, data, *, mode="int8",
 
     if mode not in CALIBRATED_MODES:
         raise ValueError(f"mode must be one of {CALIBRATED_MODES}, got {mode!r}.")
-    debug = calibration_samples(float_model, data, max_samples, "data")
+    specs = export_input_specs(float_model, input_shape)
+    debug = calibration_samples(float_model, data, max_samples, "data", specs=specs)
     converter = float_converter(
-        float_model, mode, representative_data, calibration_steps, integer_io=False
+        float_model, mode, representative_data, calibration_steps, integer_io=False,
+        input_shape=input_shape,
     )
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=lambda: iter(debug)

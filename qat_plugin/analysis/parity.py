@@ -58,7 +58,10 @@ def measure_parity(qat_model, tflite_model, x, batch_size=32):
             or a `TFLiteModel` to compare two interpreters (XNNPACK against
             the built-in kernels: how far two correct int8 engines differ).
         tflite_model: its export: bytes, a path or a `TFLiteModel`.
-        x: a batch of model inputs (an array, or a list for several inputs).
+        x: a batch of model inputs (an array, or a list or dict for
+            several inputs) of the shapes the export has: an input of
+            undefined size in Keras has the size `export_tflite(...,
+            input_shape=...)` fixed (a `ValueError` names a misfit).
         batch_size: Keras prediction batch size.
 
     Returns:
@@ -79,6 +82,7 @@ def measure_parity(qat_model, tflite_model, x, batch_size=32):
         tflite_model if isinstance(tflite_model, TFLiteModel)
         else TFLiteModel(tflite_model)
     )
+    runner.check_inputs(x)  # Data the export's fixed shapes refuse fails first.
     if isinstance(qat_model, TFLiteModel):
         keras_outputs = as_list(qat_model.predict(x))
     else:

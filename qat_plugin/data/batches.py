@@ -194,16 +194,18 @@ def _check_array(array, spec, argument, where):
     return array.astype(target, copy=False)
 
 
-def calibration_samples(model, data, max_samples, argument="representative_data"):
+def calibration_samples(model, data, max_samples, argument="representative_data",
+                        specs=None):
     """Returns up to `max_samples` single-sample input lists from `data`.
 
-    Every batch read is checked (`input_arrays`) before it is used, and
-    reading stops once `max_samples` samples are collected, so an endless
-    generator is fine.
+    Every batch read is checked (`input_arrays`) before it is used, against
+    `specs` (default: the model's `input_specs`; an export passes the shapes
+    it fixed), and reading stops once `max_samples` samples are collected,
+    so an endless generator is fine.
     """
     if max_samples < 1:
         raise ValueError(f"calibration_steps must be at least 1, got {max_samples}.")
-    specs = input_specs(model)
+    specs = specs or input_specs(model)
     streamed = not is_in_memory(data)
     samples = []
     for index, element in enumerate(stream(data, argument)):

@@ -23,6 +23,9 @@ class QATModel(keras.Model):
     graph as a float model (float CONV_2D and FULLY_CONNECTED between the
     fake-quant ops) and pass converter settings meant for post-training
     quantization; here it writes the fully-int8 file `export_tflite` writes.
+    An input with undefined sizes takes its fixed shape from
+    `input_signature` (a `keras.InputSpec` per input, batch axis first) or
+    `input_shape=` (as in `export_tflite`).
 
     Examples:
         >>> import keras, numpy as np, os, tempfile, qat_plugin
@@ -41,13 +44,14 @@ class QATModel(keras.Model):
         if format != "litert":
             return super().export(filepath, format=format, verbose=verbose,
                                   input_signature=input_signature, **kwargs)
-        if input_signature is not None or kwargs:
-            given = sorted(kwargs) + (["input_signature"] if input_signature is not None else [])
+        input_shape = kwargs.pop("input_shape", None)
+        if kwargs:
             raise ExportError(
                 f"QAT model '{self.name}': export(format='litert') takes no "
-                f"converter settings ({', '.join(given)} given): a QAT model "
-                "exports fully int8 with the ranges it learned. For export "
-                "options (target, sparse_weights, ...) call "
+                f"converter settings ({', '.join(sorted(kwargs))} given): a QAT "
+                "model exports fully int8 with the ranges it learned; only "
+                "input_signature or input_shape (the fixed input shapes) are "
+                "taken. For export options (target, sparse_weights, ...) call "
                 "qat_plugin.export_tflite(model, path, ...)."
             )
         if not _litert_exporter:
@@ -55,7 +59,8 @@ class QATModel(keras.Model):
                 "QATModel.export(format='litert') needs qat_plugin's TFLite "
                 "export: `import qat_plugin` (or call qat_plugin.export_tflite)."
             )
-        _litert_exporter[0](self, filepath)
+        _litert_exporter[0](self, filepath, input_shape=input_shape,
+                            input_signature=input_signature)
         if verbose is not False:  # Keras' exports print unless told not to.
             print(f"Saved the int8 LiteRT model to {filepath}")
 

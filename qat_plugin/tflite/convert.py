@@ -1,9 +1,5 @@
 """`export_tflite`: Keras 3 model to .tflite, QAT int8 or a PTQ baseline."""
 
-
-import re
-import warnings
-
 import keras
 import numpy as np
 from keras import tree
@@ -15,7 +11,9 @@ from qat_plugin.distribution import is_primary_process
 from qat_plugin.layers.base import export_mode, is_quantized, quantized_layers
 from qat_plugin.quantize.calibration import check_observed
 from qat_plugin.quantize.qat_model import set_litert_exporter
+from qat_plugin.tflite.input_shapes import export_input_specs, signature_input_shape
 from qat_plugin.tflite.io_names import with_keras_io_names
+from qat_plugin.tflite.select_ops import select_tf_ops_error, warn_select_tf_ops
 from qat_plugin.tflite.tensorflow_process import run_on_tensorflow
 from qat_plugin.tflite.targets import check_target
 from qat_plugin.tflite.unrolled import with_unrolled_rnns
@@ -28,6 +26,7 @@ def export_tflite(
     model,
     path=None,
     *,
+    input_shape=None,
     representative_data=None,
     mode=None,
     calibration_steps=200,
@@ -57,6 +56,15 @@ def export_tflite(
     Args:
         model: a Keras 3 model (TensorFlow backend).
         path: where to write the .tflite; written atomically.
+        input_shape: the fixed shape of one sample (no batch axis) for
+            inputs with undefined sizes, such as token ids `(None,)` or
+            images `(None, None, 3)`: a tuple for one input, a dict keyed
+            by input name or a list for several (see
+            `qat_plugin.tflite.input_shapes`). Required when a size is
+            undefined, for PTQ with `representative_data` too (the data is
+            then checked against it): an `ExportError` names the input
+            otherwise, so no input is silently exported as size 1. The
+            batch axis stays dynamic.
         representative_data: calibration inputs for `"int8"`/`"int16x8"`:
             a NumPy array whose first axis is the sample axis (a list of
             arrays or a dict keyed by input name for several inputs), or a
@@ -107,12 +115,24 @@ def export_tflite(
         >>> report = qat_plugin.inspect_tflite(export_tflite(qat))
         >>> report.is_fully_int8
         True
+
+        An input of undefined size is exported with the size it is given:
+
+        >>> tokens = keras.Input((None,), dtype="int32", name="tokens")
+        >>> pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(10, 4)(tokens))
+        >>> model = keras.Model(tokens, keras.layers.Dense(2)(pooled))
+        >>> data = export_tflite(model, mode="float", input_shape=(12,))
+        >>> [(t.name, list(t.shape)) for t in qat_plugin.inspect_tflite(data).inputs]
+        [('tokens', [1, 12])]
     """
+    # A bad or missing input_shape fails here, before any data is read.
+    specs = export_input_specs(model, input_shape)
     if keras.backend.backend() != "tensorflow":
         # The converter needs TensorFlow graphs: rebuild the model there.
         return export_on_tensorflow(
             model,
             path,
+            input_shape=input_shape,
             representative_data=representative_data,
             mode=mode,
             calibration_steps=calibration_steps,
@@ -137,17 +157,18 @@ def export_tflite(
                 f"int16x8 from a 16-bit recipe), not mode={mode!r}. Export "
                 "the float model for PTQ baselines."
             )
-        data = _convert_qat(model, allow_select_tf_ops=allow_select_tf_ops)
+        data = _convert_qat(model, allow_select_tf_ops=allow_select_tf_ops, specs=specs)
         if sparse_weights:
-            data = _sparse_encoded(model, data, allow_select_tf_ops)
+            data = _sparse_encoded(model, data, allow_select_tf_ops, specs)
     else:
         if mode is None:
             mode = "float" if representative_data is None else "int8"
         data = _convert_float(
-            model, mode, representative_data, calibration_steps, allow_select_tf_ops
+            model, mode, representative_data, calibration_steps, allow_select_tf_ops,
+            input_shape=input_shape,
         )
     if allow_select_tf_ops:
-        _warn_select_tf_ops(model, data)
+        warn_select_tf_ops(model, data)
     if target is not None:
         check = check_target(data, target, allow_select_tf_ops=allow_select_tf_ops,
                              arena_limit=arena_limit)
@@ -185,7 +206,8 @@ def export_on_tensorflow(model, path=None, **export_kwargs):
     return data
 
 
-def _frozen_function(model):
+def _frozen_function(model, input_specs):
+    """The model traced with a dynamic batch and `input_specs`' fixed shapes, frozen."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
@@ -193,9 +215,9 @@ def _frozen_function(model):
 
     specs = [
         tf.TensorSpec(
-            (None,) + tuple(t.shape[1:]), t.dtype, name=t._keras_history.operation.name
+            (None,) + tuple(spec.shape), t.dtype, name=t._keras_history.operation.name
         )
-        for t in model.inputs
+        for t, spec in zip(model.inputs, input_specs)
     ]
 
     @tf.function
@@ -206,7 +228,7 @@ def _frozen_function(model):
     return convert_variables_to_constants_v2(concrete)
 
 
-def _sparse_encoded(model, dense, allow_select_tf_ops=False):
+def _sparse_encoded(model, dense, allow_select_tf_ops=False, specs=None):
     """Converts `model` again with sparse weights; checks they did not change.
 
     Measured: for a FULLY_CONNECTED weight whose input size is not a
@@ -216,7 +238,7 @@ def _sparse_encoded(model, dense, allow_select_tf_ops=False):
     from qat_plugin.tflite.inspection import inspect_tflite
 
     sparse = _convert_qat(
-        model, sparse_weights=True, allow_select_tf_ops=allow_select_tf_ops
+        model, sparse_weights=True, allow_select_tf_ops=allow_select_tf_ops, specs=specs
     )
     for expected, got in zip(
         inspect_tflite(dense).weights, inspect_tflite(sparse).weights
@@ -232,25 +254,6 @@ def _sparse_encoded(model, dense, allow_select_tf_ops=False):
     return sparse
 
 
-def _select_tf_ops_error(model, error):
-    """An `ExportError` for ops with no TFLite builtin, or None for another error."""
-    text = str(error)
-    if "Select TF" not in text and "flex" not in text.lower():
-        return None
-    listed = re.search(r"TF Select ops: ([^\n]+)", text)
-    ops = listed.group(1).split(", ") if listed else sorted(
-        set(re.findall(r"'tf\.([A-Za-z0-9_]+)' op is neither", text))
-    )
-    return ExportError(
-        f"Model '{model.name}' has ops with no TFLite builtin kernel: "
-        f"{', '.join(ops) or 'see the converter message below'}. They come from "
-        "a float island (a layer kept by skip=) or a float model. Replace them, "
-        "or export with allow_select_tf_ops=True to keep them as Select TF "
-        "(Flex) ops, which needs the Flex delegate at run time.\n"
-        f"Converter message: {text.strip()[:1000]}"
-    )
-
-
 def _converted(converter, model, allow_select_tf_ops):
     import tensorflow as tf
 
@@ -262,38 +265,22 @@ def _converted(converter, model, allow_select_tf_ops):
         with converter_quiet():
             data = converter.convert()
     except Exception as error:  # The converter raises its own ConverterError.
-        friendly = _select_tf_ops_error(model, error)
+        friendly = select_tf_ops_error(model, error)
         if friendly is None:
             raise
         raise friendly from None
     return with_keras_io_names(data, model)
 
 
-def _warn_select_tf_ops(model, data):
-    from qat_plugin.tflite.targets import arena_plan, flex_ops
-
-    ops = flex_ops(data)
-    if ops:
-        warnings.warn(
-            f"Model '{model.name}' exports with Select TF ops {', '.join(ops)}: "
-            f"the file is {len(data)} bytes ({arena_plan(data).weight_bytes} of "
-            "them weights; each Flex op also stores its serialized TF node "
-            "definition), and the runtime needs the Flex delegate, which "
-            "links TensorFlow's kernels: several MB per ABI on Android/iOS "
-            "against ~1 MB for the builtin-only runtime. TensorFlow Lite Micro "
-            "and the GPU delegate cannot run these ops.",
-            stacklevel=3,
-        )
-
-
-def _convert_qat(model, sparse_weights=False, allow_select_tf_ops=False):
+def _convert_qat(model, sparse_weights=False, allow_select_tf_ops=False, specs=None):
     import tensorflow as tf
 
+    specs = specs or export_input_specs(model)
     check_observed(model)
     for layer in quantized_layers(model):
         layer.prepare_export()
     with export_mode():
-        function = _frozen_function(model)
+        function = _frozen_function(model, specs)
     with converter_quiet():
         converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -321,18 +308,20 @@ def _convert_qat(model, sparse_weights=False, allow_select_tf_ops=False):
 
 
 def _convert_float(model, mode, representative_data, calibration_steps,
-                   allow_select_tf_ops=False):
-    converter = float_converter(model, mode, representative_data, calibration_steps)
+                   allow_select_tf_ops=False, input_shape=None):
+    converter = float_converter(model, mode, representative_data, calibration_steps,
+                                input_shape=input_shape)
     return _converted(converter, model, allow_select_tf_ops)
 
 
 def float_converter(model, mode, representative_data=None, calibration_steps=200,
-                    integer_io=True):
+                    integer_io=True, input_shape=None):
     """Returns the `TFLiteConverter` set up for a PTQ `mode` of a float model.
 
     The calibration data is read and checked before the model is traced, so
     bad data fails fast and clearly. `integer_io=False` keeps float input and
     output in the integer modes (as `QuantizationDebugger` needs).
+    `input_shape` fixes undefined input sizes, as in `export_tflite`.
 
     Examples:
         >>> import keras, numpy as np
@@ -347,6 +336,7 @@ def float_converter(model, mode, representative_data=None, calibration_steps=200
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    specs = export_input_specs(model, input_shape)
     samples = None
     if mode in CALIBRATED_MODES:
         if representative_data is None:
@@ -354,9 +344,10 @@ def float_converter(model, mode, representative_data=None, calibration_steps=200
                 f"mode={mode!r} calibrates activation ranges: pass "
                 "representative_data (samples of the model's inputs)."
             )
-        samples = calibration_samples(model, representative_data, calibration_steps)
+        samples = calibration_samples(model, representative_data, calibration_steps,
+                                      specs=specs)
     # Recurrent layers convert unrolled (`tflite.unrolled`); others as they are.
-    function = _frozen_function(with_unrolled_rnns(model))
+    function = _frozen_function(with_unrolled_rnns(model), specs)
     with converter_quiet():
         converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
     if mode == "float":
@@ -382,5 +373,17 @@ def float_converter(model, mode, representative_data=None, calibration_steps=200
     return converter
 
 
-# `QATModel.export(path, format="litert")` writes what export_tflite writes.
-set_litert_exporter(lambda model, path: export_tflite(model, path))
+def _litert_export(model, path, input_shape=None, input_signature=None):
+    """`QATModel.export(path, format="litert")`: what `export_tflite` writes."""
+    if input_signature is not None:
+        if input_shape is not None:
+            raise ExportError(
+                f"QAT model '{model.name}': give input_shape or input_signature "
+                "to export(format='litert'), not both."
+            )
+        input_shape = signature_input_shape(model, input_signature)
+        export_input_specs(model, input_shape, argument="input_signature")
+    return export_tflite(model, path, input_shape=input_shape)
+
+
+set_litert_exporter(_litert_export)

@@ -212,13 +212,64 @@ def _input_key(name, inputs):
     return match[0]
 
 
+def _shown(shape):
+    return "(" + ", ".join("batch" if i == 0 else str(d) for i, d in enumerate(shape)) + ")"
+
+
+def input_shape_for(detail, array):
+    """The shape to run input `detail` with for `array`, or a `ValueError` naming it.
+
+    The batch axis and the sizes the file leaves dynamic (-1 in its shape
+    signature) take the array's sizes; every other size must equal it.
+    Integer inputs without quantization (token ids) refuse non-integral
+    floats rather than truncate them.
+
+    Examples:
+        >>> import numpy as np
+        >>> from qat_plugin.tflite.interpreter import input_shape_for
+        >>> detail = {"name": "tokens", "shape": np.array([1, 12]), "dtype": np.int32,
+        ...           "shape_signature": np.array([-1, 12]), "quantization": (0.0, 0)}
+        >>> input_shape_for(detail, np.zeros((8, 12), "int32"))
+        [8, 12]
+        >>> input_shape_for(detail, np.zeros((8, 10), "int32"))
+        Traceback (most recent call last):
+        ...
+        ValueError: Input 'tokens' of the .tflite model has the fixed shape (batch, 12); ...
+    """
+    signature = [int(d) for d in detail.get("shape_signature", detail["shape"])]
+    fixed = [int(d) for d in detail["shape"]]
+    given = tuple(np.shape(array))
+    if len(given) != len(fixed) or any(
+        s != -1 and s != g for s, g in list(zip(signature, given))[1:]
+    ):
+        wanted = _shown([-1] + [f if s != -1 else "any" for s, f in zip(signature[1:], fixed[1:])])
+        raise ValueError(
+            f"Input '{detail['name']}' of the .tflite model has the fixed shape "
+            f"{wanted}; the data given for it has shape {given}. Give a batch "
+            "of samples of that shape (pad or crop sequences, resize images), "
+            "or export the model again with export_tflite(..., "
+            "input_shape=...) for another size."
+        )
+    array = np.asarray(array)
+    if (np.issubdtype(detail["dtype"], np.integer) and detail["quantization"][0] == 0
+            and array.dtype.kind == "f" and not np.all(np.round(array) == array)):
+        raise ValueError(
+            f"Input '{detail['name']}' of the .tflite model is "
+            f"{np.dtype(detail['dtype']).name} (e.g. token ids); the data given "
+            "has non-integral floats: cast it to integers first."
+        )
+    return [given[0]] + [g if s == -1 else s for s, g in zip(signature[1:], given[1:])]
+
+
 class TFLiteModel:
     """A .tflite model in the LiteRT interpreter, called like `model.predict`.
 
     Float inputs are quantized with the input tensor's scale and zero point
     and integer outputs dequantized, so the results compare directly with
     the Keras model's. Batches run in one invoke when the model's batch
-    dimension is dynamic, one sample at a time otherwise.
+    dimension is dynamic, one sample at a time otherwise. Each input must
+    have the shape the file fixed (`export_tflite(..., input_shape=...)`),
+    batch axis aside; a `ValueError` names the input that does not.
 
     Args:
         model: .tflite bytes or a path.
@@ -234,6 +285,10 @@ class TFLiteModel:
         >>> runner = TFLiteModel(qat_plugin.export_tflite(model, mode="float"))
         >>> runner.predict(np.ones((3, 4), "float32")).shape
         (3, 2)
+        >>> runner.predict(np.ones((3, 5), "float32"))
+        Traceback (most recent call last):
+        ...
+        ValueError: Input 'input_layer...' of the .tflite model has the fixed shape (batch, 4); ...
     """
 
     def __init__(self, model, num_threads=None, use_xnnpack=True,
@@ -244,7 +299,7 @@ class TFLiteModel:
         self.interpreter.allocate_tensors()
         self.input_details = self.interpreter.get_input_details()
         self.output_details = self.interpreter.get_output_details()
-        self._batch = None
+        self._shapes = None
 
     @property
     def dynamic_batch(self):
@@ -270,15 +325,14 @@ class TFLiteModel:
             return list(x)
         return [x]
 
-    def _resize(self, batch):
-        if self._batch == batch:
+    def _resize(self, inputs):
+        shapes = [input_shape_for(d, x) for d, x in zip(self.input_details, inputs)]
+        if self._shapes == shapes:
             return
-        for detail in self.input_details:
-            shape = list(detail["shape"])
-            shape[0] = batch
+        for detail, shape in zip(self.input_details, shapes):
             self.interpreter.resize_tensor_input(detail["index"], shape)
         self.interpreter.allocate_tensors()
-        self._batch = batch
+        self._shapes = shapes
 
     def invoke(self, inputs):
         """Runs one batch; `inputs` is a list in input-detail order."""
@@ -290,15 +344,26 @@ class TFLiteModel:
             for d in self.output_details
         ]
 
+    def check_inputs(self, x):
+        """Returns `x` as one array per input, in file order; a `ValueError` names a misfit.
+
+        Each array must have the shape the file fixed, batch axis aside
+        (see `input_shape_for`).
+        """
+        inputs = [np.asarray(v) for v in self._as_list(x)]
+        for detail, v in zip(self.input_details, inputs):
+            input_shape_for(detail, v)
+        return inputs
+
     def predict(self, x, batch_size=256):
         """Returns the dequantized outputs for all samples of `x`."""
-        inputs = [np.asarray(v) for v in self._as_list(x)]
+        inputs = self.check_inputs(x)  # A wrong shape fails before any invoke.
         n = len(inputs[0])
         step = batch_size if self.dynamic_batch else int(self.input_details[0]["shape"][0])
         results = []
         for start in range(0, n, step):
             chunk = [v[start : start + step] for v in inputs]
-            self._resize(len(chunk[0]))
+            self._resize(chunk)
             results.append(self.invoke(chunk))
         outputs = [np.concatenate([r[i] for r in results]) for i in range(len(self.output_details))]
         return outputs[0] if len(outputs) == 1 else outputs
