@@ -12,12 +12,14 @@ from qat_plugin.layers.masking import QuantizedMasking
 from qat_plugin.layers.normalization import QuantizedLayerNormalization
 from qat_plugin.layers.operation import OperationLayer
 from qat_plugin.layers.output_wrapper import QuantizeOutputWrapper
+from qat_plugin.layers.patch_embedding import PatchEmbedding, QuantizedPatchEmbedding
 from qat_plugin.layers.pruned import PrunedLayer
 from qat_plugin.layers.recurrent import QuantizedRecurrent
 
 __all__ = [
     "FakeQuant",
     "OperationLayer",
+    "PatchEmbedding",
     "PrunedLayer",
     "QuantizedAffine",
     "QuantizedBatchNormalization",
@@ -29,6 +31,7 @@ __all__ = [
     "QuantizedLayerNormalization",
     "QuantizedLinear",
     "QuantizedMasking",
+    "QuantizedPatchEmbedding",
     "QuantizedRecurrent",
     "QuantizeOutputWrapper",
 ]
