@@ -67,6 +67,12 @@ The policies, following the TFLite 8-bit specification:
 - `LAYER_NORM`: LayerNormalization as MEAN, SUB, SQUARED_DIFFERENCE, MEAN,
   ADD, RSQRT, MUL, MUL, ADD, all int8, one fake-quant after each
   (`qat_plugin.layers.normalization`).
+- `PATCH_EMBEDDING`: a vision transformer's patch embedding (keras-hub's
+  ViTPatchingAndEmbedding, DeiTEmbeddings) as CONV_2D, RESHAPE, TILE,
+  CONCATENATION, ADD, all int8: the kernel per output channel, the conv
+  output and the tokens on the CONCATENATION's one scale, the position
+  table per tensor over its own range, the sum with its own scale
+  (`qat_plugin.layers.patch_embedding`).
 """
 
 import dataclasses
@@ -90,11 +96,12 @@ FLOAT = "float"
 CUSTOM = "custom"
 EMBEDDING = "embedding"
 LAYER_NORM = "layer_norm"
+PATCH_EMBEDDING = "patch_embedding"
 
 POLICIES = (
     LINEAR, OUTPUT, SHARED_SCALE, PASSTHROUGH, BATCH_NORM, ACTIVATION, AFFINE,
     SCALED_ADD, CHANNEL_SCALE, RECURRENT, PRELU, FLOAT, CUSTOM,
-    EMBEDDING, LAYER_NORM,
+    EMBEDDING, LAYER_NORM, PATCH_EMBEDDING,
 )
 # The policies `register_layer` takes by name.
 REGISTRABLE_POLICIES = (PASSTHROUGH, OUTPUT, SHARED_SCALE, FLOAT)
