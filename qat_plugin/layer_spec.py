@@ -70,6 +70,12 @@ The policies, following the TFLite 8-bit specification:
 - `ATTENTION`: `ops.dot_product_attention` (inside MultiHeadAttention) as
   BATCH_MATMUL, MUL, SOFTMAX, BATCH_MATMUL, all int8, one fake-quant after
   each (`qat_plugin.layers.attention`).
+- `PATCH_EMBEDDING`: a vision transformer's patch embedding (keras-hub's
+  ViTPatchingAndEmbedding, DeiTEmbeddings) as CONV_2D, RESHAPE, TILE,
+  CONCATENATION, ADD, all int8: the kernel per output channel, the conv
+  output and the tokens on the CONCATENATION's one scale, the position
+  table per tensor over its own range, the sum with its own scale
+  (`qat_plugin.layers.patch_embedding`).
 """
 
 import dataclasses
@@ -94,11 +100,12 @@ CUSTOM = "custom"
 EMBEDDING = "embedding"
 LAYER_NORM = "layer_norm"
 ATTENTION = "attention"
+PATCH_EMBEDDING = "patch_embedding"
 
 POLICIES = (
     LINEAR, OUTPUT, SHARED_SCALE, PASSTHROUGH, BATCH_NORM, ACTIVATION, AFFINE,
     SCALED_ADD, CHANNEL_SCALE, RECURRENT, PRELU, FLOAT, CUSTOM,
-    EMBEDDING, LAYER_NORM, ATTENTION,
+    EMBEDDING, LAYER_NORM, ATTENTION, PATCH_EMBEDDING,
 )
 # The policies `register_layer` takes by name.
 REGISTRABLE_POLICIES = (PASSTHROUGH, OUTPUT, SHARED_SCALE, FLOAT)

@@ -87,6 +87,27 @@ def fake_quant_activation(x, range_min, range_max, num_bits=8):
     )
 
 
+def fake_quant_table(table, num_bits=8):
+    """Snaps a constant table to the asymmetric int grid spanning its own range.
+
+    The converter stores a constant that an op reads as an activation (a
+    GATHER table, a position table added to activations) int8 per tensor
+    over its own `[min, max]` (widened to contain zero): no observer, the
+    range is the table's. The gradient is the identity.
+
+    Examples:
+        >>> import numpy as np
+        >>> table = np.array([[-0.5, 0.2], [1.0, 0.0]], "float32")
+        >>> q = ops.convert_to_numpy(fake_quant_table(table))
+        >>> bool(np.abs(q - table).max() <= 1.5 / 255 / 2 + 1e-7)
+        True
+    """
+    range_min, range_max = clamp_range(
+        ops.min(ops.stop_gradient(table)), ops.max(ops.stop_gradient(table))
+    )
+    return fake_quant_activation(table, range_min, range_max, num_bits)
+
+
 def fake_quant_average(x, range_min, range_max, num_bits=8, divisor=None):
     """Fake-quantizes an average of values on this range's grid, as TFLite does.
 

@@ -28,7 +28,7 @@ from keras.src.ops import numpy as numpy_ops
 
 from qat_plugin.layer_spec import (
     ACTIVATION, AFFINE, ATTENTION, BATCH_NORM, CHANNEL_SCALE, CUSTOM, EMBEDDING, FLOAT,
-    LAYER_NORM, LINEAR, OUTPUT, PASSTHROUGH, POLICIES, PRELU, RECURRENT,
+    LAYER_NORM, LINEAR, OUTPUT, PASSTHROUGH, PATCH_EMBEDDING, POLICIES, PRELU, RECURRENT,
     REGISTRABLE_POLICIES, SCALED_ADD, SHARED_SCALE, LayerQuantization, LayerSpec,
     function_name,
 )
@@ -38,7 +38,8 @@ from qat_plugin.linear_ops import (
 
 __all__ = [
     "ACTIVATION", "AFFINE", "ATTENTION", "BATCH_NORM", "CHANNEL_SCALE", "CUSTOM", "EMBEDDING",
-    "FLOAT", "LAYER_NORM", "LINEAR", "OUTPUT", "PASSTHROUGH", "POLICIES", "PRELU",
+    "FLOAT", "LAYER_NORM", "LINEAR", "OUTPUT", "PASSTHROUGH", "PATCH_EMBEDDING",
+    "POLICIES", "PRELU",
     "RECURRENT", "REGISTRABLE_POLICIES",
     "SCALED_ADD", "SHARED_SCALE", "LayerQuantization", "LayerSpec",
     "function_name", "register_layer", "spec_for", "policy_for",
@@ -173,9 +174,9 @@ _ROWS = {
 
 
 def _keras_hub_rows():
-    """keras-hub's embedding classes and its leaf layers, once keras-hub is
-    imported (an optional dependency: a model holding its layers has
-    imported it)."""
+    """keras-hub's embedding classes, ViT's and DeiT's patch embeddings and
+    its leaf layers, once keras-hub is imported (an optional dependency: a
+    model holding its layers has imported it)."""
     if "keras_hub" not in sys.modules or _KERAS_HUB_ADDED:
         return
     from keras_hub.src.layers.modeling.position_embedding import PositionEmbedding
@@ -185,6 +186,8 @@ def _keras_hub_rows():
     from keras_hub.src.layers.modeling.token_and_position_embedding import (
         TokenAndPositionEmbedding,
     )
+    from keras_hub.src.models.deit.deit_layers import DeiTEmbeddings
+    from keras_hub.src.models.vit.vit_layers import ViTPatchingAndEmbedding
 
     _KERAS_HUB_ADDED.append(True)
     for cls in (PositionEmbedding, ReversibleEmbedding, TokenAndPositionEmbedding):
@@ -193,6 +196,8 @@ def _keras_hub_rows():
     _ROWS.setdefault(DropPath, LayerSpec(PASSTHROUGH))
     # Whisper's one zero row in front of the frames: PAD keeps the scale.
     _ROWS.setdefault(Padder, LayerSpec(PASSTHROUGH, pads_with_zeros=True))
+    for cls in (ViTPatchingAndEmbedding, DeiTEmbeddings):
+        _ROWS.setdefault(cls, LayerSpec(PATCH_EMBEDDING))
 
 
 _KERAS_HUB_ADDED = []

@@ -13,12 +13,14 @@ from qat_plugin.layers.masking import QuantizedMasking
 from qat_plugin.layers.normalization import QuantizedLayerNormalization
 from qat_plugin.layers.operation import OperationLayer
 from qat_plugin.layers.output_wrapper import QuantizeOutputWrapper
+from qat_plugin.layers.patch_embedding import PatchEmbedding, QuantizedPatchEmbedding
 from qat_plugin.layers.pruned import PrunedLayer
 from qat_plugin.layers.recurrent import QuantizedRecurrent
 
 __all__ = [
     "FakeQuant",
     "OperationLayer",
+    "PatchEmbedding",
     "PrunedLayer",
     "QuantizedAffine",
     "QuantizedBatchNormalization",
@@ -33,6 +35,7 @@ __all__ = [
     "QuantizedLinear",
     "QuantizedMasking",
     "QuantizedMaskedSoftmax",
+    "QuantizedPatchEmbedding",
     "QuantizedRecurrent",
     "QuantizeOutputWrapper",
 ]

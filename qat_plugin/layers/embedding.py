@@ -17,18 +17,7 @@ import keras
 from keras import ops
 
 from qat_plugin.layers.base import QuantizedLayer, is_exporting
-from qat_plugin.quantizers import clamp_range, fake_quant_activation, fake_quant_weight, select
-
-
-def _table_range(table):
-    table = ops.stop_gradient(table)
-    return clamp_range(ops.min(table), ops.max(table))
-
-
-def _fake_quant_table(table, num_bits):
-    """`table` on the asymmetric int grid spanning its own range (GATHER's)."""
-    range_min, range_max = _table_range(table)
-    return fake_quant_activation(table, range_min, range_max, num_bits)
+from qat_plugin.quantizers import fake_quant_table, fake_quant_weight, select
 
 
 @keras.saving.register_keras_serializable(package="qat_plugin")
@@ -117,7 +106,7 @@ class QuantizedEmbedding(QuantizedLayer):
             table = ops.convert_to_tensor(self._export_constants["table"])
         else:
             table = self._table()
-        table = select(quantize, _fake_quant_table(table, self.num_bits), table)
+        table = select(quantize, fake_quant_table(table, self.num_bits), table)
         if self.positional:
             shape = ops.shape(inputs)
             outputs = ops.slice(table, (start_index, 0), (shape[-2], shape[-1]))
@@ -190,7 +179,7 @@ class QuantizedTokenAndPositionEmbedding(QuantizedLayer):
         else:
             tables = self._tables()
         tokens, positions = (
-            select(quantize, _fake_quant_table(t, self.num_bits), t) for t in tables
+            select(quantize, fake_quant_table(t, self.num_bits), t) for t in tables
         )
         if inputs.dtype not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")

@@ -11,8 +11,10 @@ from qat_plugin.layers import (
     QuantizedDotProductAttention,
     QuantizedEmbedding,
     QuantizedLayerNormalization,
+    QuantizedPatchEmbedding,
     QuantizedTokenAndPositionEmbedding,
 )
+from qat_plugin.layers.patch_embedding import patch_embedding_like
 
 
 def build_embedding(builder, node, spec, fusion):
@@ -54,8 +56,27 @@ def build_attention(builder, node, spec, fusion):
                                       call.get("mask")))
 
 
+def build_patch_embedding(builder, node, spec, fusion):
+    """A ViT/DeiT patch embedding: int8 CONV_2D, CONCATENATION with its tokens, ADD."""
+
+    def make():
+        # keras-hub's layer does not rebuild from its config: a
+        # PatchEmbedding holds the same weights, copied from it.
+        float_layer, weights = patch_embedding_like(node.layer)
+        builder.weight_pairs.append((node.layer, float_layer, lambda _: weights()))
+        return QuantizedPatchEmbedding(
+            float_layer, per_channel=builder.scheme.per_channel,
+            weight_bits=builder.scheme.weight_bits, name=node.name,
+            **builder.quantizer_kwargs(node.outputs[0]),
+        )
+
+    layer = builder.layer_for(id(node.layer), make)
+    builder.store_outputs(node, builder.call(layer, node))
+
+
 TRANSFORMER_BUILDERS = {
     registry.ATTENTION: build_attention,
     registry.EMBEDDING: build_embedding,
     registry.LAYER_NORM: build_layer_norm,
+    registry.PATCH_EMBEDDING: build_patch_embedding,
 }
