@@ -19,18 +19,15 @@ full-int8 PTQ of the float model is the baseline. Reports, per seed and
 as means: float, control, QAT int8 and PTQ int8 accuracies (the .tflite
 files in LiteRT), the QAT - control gap, whether the target holds ("within
 1 point": QAT int8 at most 1 point below the control), the ops
-(and float ops) of both exports and QAT-model vs LiteRT parity. A subset of
-the data (--train / --test; the results say so) keeps the 3 seeds within
-about 20 minutes on two loaded cores. Writes
+(and float ops) of both exports and QAT-model vs LiteRT parity. Half the
+training images and the whole test set by default (--train / --test; the
+results say so): the 3 seeds take about 10 minutes on two cores. Writes
 benchmarks/results/transformer.md and transformer.json.
 
-`--skip-attention` keeps the MultiHeadAttention layers in float
-(`quantize_model(..., skip=[...])`): for developing the pipeline before
-quantize_model supports them; such a run does not measure the target and
-says so. Without it, a quantize_model that refuses a layer stops the run.
+A quantize_model that refuses a layer stops the run.
 
 Usage:
-    python benchmarks/bench_transformer.py [--seeds 0,1,2] [--train 12000]
+    python benchmarks/bench_transformer.py [--seeds 0,1,2] [--train 30000]
 """
 
 import argparse
@@ -75,11 +72,6 @@ def build_model(args):
     return keras.Model(inputs, L.Dense(10, name="logits")(x), name="transformer_classifier")
 
 
-def attention_layers(model):
-    return [layer.name for layer in model.layers
-            if isinstance(layer, L.MultiHeadAttention)]
-
-
 def tflite_accuracy(data, x, y):
     return float(np.mean(qat_plugin.TFLiteModel(data).predict(x, batch_size=500)
                          .argmax(1) == y))
@@ -94,16 +86,13 @@ def op_summary(report):
     }
 
 
-def quantize(model, skip):
+def quantize(model):
     """`quantize_model`, stopping the run (not continuing) where it refuses."""
     try:
-        return qat_plugin.quantize_model(model, skip=skip)
+        return qat_plugin.quantize_model(model)
     except Exception as error:
-        hint = ("" if skip else " Until quantize_model supports MultiHeadAttention, "
-                "--skip-attention keeps those layers float (a development run, "
-                "not the target's measurement).")
         print(f"bench_transformer: quantize_model failed: {type(error).__name__}: "
-              f"{error}{hint}", file=sys.stderr)
+              f"{error}", file=sys.stderr)
         raise
 
 
@@ -112,7 +101,6 @@ def run(seed, args, x_train, y_train, x_test, y_test):
     keras.utils.set_random_seed(seed)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model = build_model(args)
-    skip = attention_layers(model) if args.skip_attention else []
     steps = args.float_epochs * int(np.ceil(len(x_train) / args.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(args.float_lr, steps, alpha=0.1)
     model.compile(keras.optimizers.Adam(schedule, clipnorm=1.0), loss,
@@ -125,7 +113,7 @@ def run(seed, args, x_train, y_train, x_test, y_test):
 
     # Quantized before the control trains, so that a refusal stops the run
     # before any more training time is spent.
-    qat = quantize(model, skip)
+    qat = quantize(model)
 
     control = keras.models.clone_model(model)
     control.set_weights(model.get_weights())
@@ -165,7 +153,6 @@ def run(seed, args, x_train, y_train, x_test, y_test):
         "ptq_export": ptq_report,
         "parity_top1_agreement": float(parity.agreement[0]),
         "parity_max_error_steps": float(parity.max_error_steps[0]),
-        "skipped_layers": skip,
         "parameters": int(model.count_params()),
         "float_training_seconds": float_seconds,
         "control_epoch_seconds": control_seconds,
@@ -174,9 +161,8 @@ def run(seed, args, x_train, y_train, x_test, y_test):
     }
 
 
-def summarize(results, skipped_attention):
-    """Means over the seeds and the target's verdict on them (None where
-    --skip-attention kept the attention layers float)."""
+def summarize(results):
+    """Means over the seeds and the target's verdict on them."""
     def mean(key):
         values = [r[key] for r in results.values()]
         return None if any(v is None for v in values) else float(np.mean(values))
@@ -198,8 +184,6 @@ def summarize(results, skipped_attention):
         for r in results.values())
     summary["target_met"] = bool(summary["mean_qat_at_least_ptq"]
                                  and summary["mean_qat_within_1_point_of_control"])
-    if skipped_attention:  # Float attention: not the target's measurement.
-        summary["every_seed_meets_target"] = summary["target_met"] = None
     return summary
 
 
@@ -214,11 +198,7 @@ def _float_ops(report):
 
 
 def table(args, results, summary, machine, minutes):
-    skip_note = (
-        "**Development run: `--skip-attention` kept the MultiHeadAttention layers "
-        "in float (float ops in the QAT export); this does not measure the target.**"
-        if args.skip_attention else
-        "Every layer quantized (no `skip=`).")
+    skip_note = "Every layer quantized (no `skip=`)."
     lines = [
         "Target: a small transformer classifier (Fashion-MNIST image rows as a "
         "28-token sequence) trained in float, then QAT for one epoch: int8 "
@@ -226,8 +206,7 @@ def table(args, results, summary, machine, minutes):
         "of the float model fine-tuned for the same epoch, measured over 3 seeds.",
         "",
         f"Fashion-MNIST rows as 28 tokens; {args.train} training and {args.test} "
-        f"test images (a subset, to run the seeds in about 20 minutes on 2 loaded "
-        f"cores); d={args.dim}, {args.blocks} pre-norm encoder block(s) of "
+        f"test images; d={args.dim}, {args.blocks} pre-norm encoder block(s) of "
         f"MultiHeadAttention({args.heads} heads, key_dim {args.key_dim}) and a "
         f"Dense({4 * args.dim}, gelu) MLP, position embedding: {args.positions}; "
         f"float {args.float_epochs} epochs (Adam, cosine decay from "
@@ -255,11 +234,8 @@ def table(args, results, summary, machine, minutes):
         f"{_fmt(s['mean_qat_int8_accuracy'])} | {_fmt(s['mean_ptq_int8_accuracy'])} | "
         f"{s['mean_qat_minus_control'] * 100:+.2f} pts | {s['mean_qat_at_least_ptq']} | "
         f"{s['mean_qat_within_1_point_of_control']} | | | | |")
-    if s["target_met"] is None:
-        lines += ["", "Target: not measured (--skip-attention kept the attention float)."]
-    else:
-        lines += ["", f"Target met (on the means): {s['target_met']}; on every seed: "
-                  f"{s['every_seed_meets_target']}."]
+    lines += ["", f"Target met (on the means): {s['target_met']}; on every seed: "
+              f"{s['every_seed_meets_target']}."]
     first = next(iter(results.values()))
     for kind in ("qat_export", "ptq_export"):
         ops = first[kind]["float_ops"]
@@ -282,10 +258,8 @@ def main(argv=None):
     parser.add_argument("--float-lr", type=float, default=2e-3)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train", type=int, default=12000)
-    parser.add_argument("--test", type=int, default=2000)
-    parser.add_argument("--skip-attention", action="store_true",
-                        help="keep the MultiHeadAttention layers float (development only)")
+    parser.add_argument("--train", type=int, default=30000)
+    parser.add_argument("--test", type=int, default=10000)
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     start = time.time()
@@ -297,7 +271,7 @@ def main(argv=None):
     y_train, y_test = data.y_train[: args.train], data.y_test[: args.test]
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {seed: run(seed, args, x_train, y_train, x_test, y_test) for seed in seeds}
-    summary = summarize(results, args.skip_attention)
+    summary = summarize(results)
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python "
                f"{platform.python_version()}, keras {keras.__version__}")
     minutes = (time.time() - start) / 60

@@ -20,7 +20,10 @@ is given beside the table (measured earlier, see the README).
 
 Models beyond keras.applications (an autoencoder, a U-Net, keras-hub's
 CSPDarkNet, a Conv1D audio net, PReLU / Resizing / bilinear UpSampling2D /
-Lambda nets) come from coverage_models.py, with their own heads.
+Lambda nets) come from coverage_models.py, and the attention models and
+keras-hub backbones (BERT, DistilBERT, the Whisper encoder, ViT, DeiT,
+MiT, MobileNetV3, EfficientNet, ResNet) from coverage_transformers.py,
+with their own heads.
 
 Usage:
     python benchmarks/coverage.py                       # every model
@@ -45,6 +48,7 @@ import numpy as np  # noqa: E402
 import qat_plugin  # noqa: E402
 from qat_plugin.data.datasets import fashion_mnist  # noqa: E402
 import coverage_models  # noqa: E402
+import coverage_transformers  # noqa: E402
 from _results import write_results  # noqa: E402
 
 A = keras.applications
@@ -72,6 +76,8 @@ MODELS = {
         for name, (constructor, extra) in _VARIANTS.items()
     },
     **{name: (builder, 32, None) for name, builder in coverage_models.MODELS.items()},
+    **{name: (builder, 32, None)
+       for name, builder in coverage_transformers.MODELS.items()},
 }
 
 
@@ -107,8 +113,11 @@ def build(name, size, include_top):
     return constructor(**arguments)
 
 
-def images(model, count, seed=0):
-    """Noise pixels, scaled for `model` (see `scaled`)."""
+def images(model, count, seed=0, name=None):
+    """Noise pixels, scaled for `model` (see `scaled`); token ids or noise
+    features for the sequence models of coverage_transformers.py."""
+    if name in coverage_transformers.SAMPLES:
+        return coverage_transformers.SAMPLES[name](model, count, seed)
     rng = np.random.default_rng(seed)
     shape = (count,) + tuple(model.inputs[0].shape[1:])
     return scaled(model, rng.uniform(0, 255, shape).astype("float32"))
@@ -184,7 +193,7 @@ def measure(name, size, include_top, samples, train_steps=0):
     if train_steps:
         x, test = trained_on_fashion_mnist(model, train_steps, samples)
     else:
-        x = test = images(model, samples)
+        x = test = images(model, samples, name=name)
         settle_batch_norm(model, x)
     qat = qat_plugin.quantize_model(model)
     qat_plugin.calibrate(qat, x, batch_size=8)
@@ -201,15 +210,19 @@ def measure(name, size, include_top, samples, train_steps=0):
     ptq = qat_plugin.inspect_tflite(
         qat_plugin.export_tflite(model, representative_data=x)
     )
+    # Token ids stay int32 in both exports (as in PTQ): "fully int8" is
+    # then no float op and no float<->int8 conversion.
+    fully_int8 = report.is_fully_int8 or _int8_inside(report)
     float_ops = sorted({op.name for op in report.float_ops})
     return {
         "model": name,
         "input": model.inputs[0].shape[1],
         "top": "yes" if include_top else "no",
-        "int8": "yes" if report.is_fully_int8 else f"no ({', '.join(float_ops)})",
+        "int8": "yes" if fully_int8 else f"no ({', '.join(float_ops)})",
         "ops": len(report.ops),
         "ptq_ops": len(ptq.ops),
-        "ptq_int8": "yes" if ptq.is_fully_int8 else "no",
+        "ptq_int8": "yes" if ptq.is_fully_int8 or _int8_inside(ptq) else (
+            f"no ({', '.join(sorted({op.name for op in ptq.float_ops}))})"),
         "op_diff": _op_difference(report.op_counts, ptq.op_counts),
         "agreement": parity.agreement[0],
         "decided": parity.decided_agreement[0],
@@ -221,6 +234,12 @@ def measure(name, size, include_top, samples, train_steps=0):
         "seconds": qat_seconds,
         "tfmot": TFMOT.get(name, "not measured"),
     }
+
+
+def _int8_inside(report):
+    """No float op, no float<->int8 conversion, and no float input or output."""
+    return not report.float_ops and not report.conversion_ops and not any(
+        "float" in t.dtype for t in report.inputs + report.outputs)
 
 
 def _op_difference(qat_counts, ptq_counts):

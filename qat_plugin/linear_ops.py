@@ -312,33 +312,6 @@ def _einsum_mismatch(layer):
     return None
 
 
-def concrete_output_shape(equation, output_shape, input_shape):
-    """An EinsumDense `output_shape` with its None sizes read off the input.
-
-    MultiHeadAttention builds its projections with `output_shape=(None,
-    heads, dim)`: None is "the input's size" (the sequence length), which
-    EinsumDense's own shape inference leaves None. An output letter found
-    in the input takes the input's size; the batch letter stays None.
-
-    Examples:
-        >>> concrete_output_shape("abc,cde->abde", (None, 2, 4), (None, 6, 8))
-        (6, 2, 4)
-    """
-    parts = einsum_parts(equation)
-    if parts is None or output_shape is None:
-        return output_shape
-    inputs, _, outputs = parts
-    shape = list(output_shape) if isinstance(output_shape, (list, tuple)) else [output_shape]
-    # Sizes and letters align at the end: the output shape leaves out the
-    # batch; a full shape has the axes `...` stands for in front.
-    count = min(len(shape), len(outputs))
-    offset = len(input_shape) - len(inputs)
-    for index, letter in zip(range(len(shape) - count, len(shape)), outputs[-count:]):
-        if shape[index] is None and letter in inputs:
-            shape[index] = input_shape[offset + inputs.index(letter)]
-    return tuple(shape)
-
-
 class EinsumOp(LinearOp):
     """EinsumDense as FULLY_CONNECTED: one weight scale per kernel output index.
 

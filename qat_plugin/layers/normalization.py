@@ -104,6 +104,12 @@ class QuantizedLayerNormalization(QuantizedLayer):
         squares = fq("squares", _squared_difference(inputs, mean))
         variance = fq("variance", ops.mean(squares, axis=axes, keepdims=True))
         shifted = fq("shifted", variance + layer.epsilon)
+        if not is_exporting():
+            # A variance below the grid's first step rounds to 0: int8
+            # RSQRT then saturates to its output range, where rsqrt(0)
+            # would be inf (NaN after the next op); the fake-quant of
+            # rsqrt(epsilon) clips to that range the same way.
+            shifted = ops.maximum(shifted, max(float(layer.epsilon), 1e-12))
         inverse = fq("inverse", ops.rsqrt(shifted))
         x = inputs if layer.rms_scaling else fq("centred", inputs - mean)
         x = fq("normalized", x * inverse)

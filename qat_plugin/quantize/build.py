@@ -17,7 +17,7 @@ from qat_plugin import registry
 from qat_plugin.layers import FakeQuant, OperationLayer, QuantizeOutputWrapper
 from qat_plugin.layers.activation import SPLIT_ACTIVATIONS
 from qat_plugin.layers.operation import argument_template
-from qat_plugin.linear_ops import concrete_output_shape
+from qat_plugin.quantize.tracing import concrete_output_shape
 from qat_plugin.quantize.builders import BUILDERS, build_float
 from qat_plugin.quantize.qat_model import QATModel
 from qat_plugin.quantize.plan import check_activation_bits

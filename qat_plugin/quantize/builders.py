@@ -25,7 +25,8 @@ from qat_plugin.layers import (
 )
 from qat_plugin.errors import UnsupportedLayerError
 from qat_plugin.quantize.build_transformer import TRANSFORMER_BUILDERS
-from qat_plugin.quantize.plan import average_divisor, averages, masked_softmax
+from qat_plugin.quantize.graph import masked_softmax
+from qat_plugin.quantize.plan import average_divisor, averages
 from qat_plugin.quantize.weight_transforms import (
     composed,
     scaled_kernel,

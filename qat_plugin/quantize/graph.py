@@ -25,27 +25,22 @@ way: its `call` runs on symbolic inputs, so each sublayer call and each
 `keras.ops` call in it records a node, and the recorded graph is inlined.
 The QAT model is then built from those nodes: it computes exactly the ops
 the converter sees, so each tensor the int8 kernels quantize inside the
-block gets its fake-quant. Inlined nodes are named
-`<composite>_<sublayer>`. A composite layer is not traced where its `call`
-needs concrete shapes (`ops.tile` by the batch size) or uses weights of its
-own outside sublayer calls (they would be frozen into constants): it stays
-one node, and `quantize_model` names it with the reason.
+block gets its fake-quant. Inlined nodes are named after the block
+(`scoped_name`). A composite layer is not traced where its `call` needs
+concrete sizes (a reshape with more than one unknown size) or uses weights
+of its own outside sublayer calls (they would be frozen into constants):
+it stays one node, and `quantize_model` names it with the reason. The
+tracing itself is `quantize.tracing`. A Keras mask riding on an input of
+a traced layer is computed in the graph too (`_materialized`).
 """
 
-import contextlib
 import dataclasses
-import math
 
 import keras
-from keras import tree
-from keras.src.backend import get_keras_mask, set_keras_mask
-from keras.src.layers.layer import CallSpec
 from keras.src.models.functional import Functional
-from keras.src.ops import numpy as numpy_ops
 
-from qat_plugin import registry
 from qat_plugin.errors import UnsupportedModelError
-from qat_plugin.linear_ops import concrete_output_shape
+from qat_plugin.quantize.tracing import inlined_graph, is_composite
 
 
 @dataclasses.dataclass(eq=False)
@@ -62,6 +57,24 @@ class OpNode:
     def __post_init__(self):
         if self.name is None:
             self.name = self.layer.name
+
+
+def masked_softmax(node):
+    """True for a Softmax layer called with a mask (MultiHeadAttention's).
+
+    Examples:
+        >>> import keras
+        >>> scores = keras.Input((2, 3))
+        >>> mask = keras.Input((2, 3), dtype="bool")
+        >>> y = keras.layers.Softmax()(scores, mask=mask)
+        >>> node = y._keras_history.operation._inbound_nodes[0]
+        >>> masked_softmax(OpNode(node.operation, node.arguments, (), [], []))
+        True
+    """
+    if type(node.layer) is not keras.layers.Softmax:
+        return False
+    args, kwargs = node.arguments.args, node.arguments.kwargs
+    return kwargs.get("mask", args[1] if len(args) > 1 else None) is not None
 
 
 @dataclasses.dataclass
@@ -185,159 +198,6 @@ def _ordered_nodes(functional):
         yield from functional._nodes_by_depth[depth]
 
 
-def traced_call(layer, arguments):
-    """The Functional graph `layer.call` records on symbolic inputs.
-
-    The inputs are shaped like the call's (`arguments`, a Keras node's),
-    and carry the same Keras masks. Outputs that are None (attention
-    scores not asked for) are left out. Raises what `call` raises where it
-    cannot run symbolically (TensorFlow ops, concrete shapes).
-
-    Examples:
-        >>> import keras
-        >>> x = keras.Input((4,))
-        >>> y = keras.layers.Lambda(lambda t: keras.ops.relu(t) * 2.0)(x)
-        >>> node = y._keras_history.operation._inbound_nodes[0]
-        >>> traced = traced_call(node.operation, node.arguments)
-        >>> [type(op).__name__ for op in traced.operations][1:]
-        ['Relu', 'Multiply']
-    """
-    tensors = arguments.keras_tensors
-    # One Input per argument, as the node's inputs are listed (a tensor
-    # passed twice, as query and value, maps to its last Input).
-    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in tensors]
-    by_id = {id(t): i for t, i in zip(tensors, inputs)}
-    # Keras masks ride on the tensors (MultiHeadAttention reads its query's):
-    # a mask that is no argument of the call becomes an input of its own,
-    # listed in `outer_masks`, so the traced graph computes with it.
-    outer_masks = []
-    for t in tensors:
-        mask = get_keras_mask(t)
-        if mask is not None and id(mask) not in by_id:
-            by_id[id(mask)] = keras.Input(batch_shape=mask.shape, dtype=mask.dtype)
-            outer_masks.append(mask)
-        if mask is not None:
-            set_keras_mask(by_id[id(t)], by_id[id(mask)])
-    args, kwargs = arguments.fill_in(by_id)
-    kwargs.update(_mask_arguments(layer, args, kwargs))
-    with _concrete_einsum_shapes():
-        outputs = [t for t in tree.flatten(layer.call(*args, **kwargs))
-                   if t is not None]
-    traced = Functional(inputs + [by_id[id(m)] for m in outer_masks], outputs)
-    traced.outer_masks = outer_masks
-    return traced
-
-
-def _mask_arguments(layer, args, kwargs):
-    """The mask arguments `Layer.__call__` would fill in from the tensors.
-
-    A Keras node records the call's own arguments; `__call__` adds `mask`
-    (one tensor argument) or `<argument>_mask` (MultiHeadAttention's
-    `value_mask`) from the tensors' Keras masks each time it runs. A traced
-    `call` gets them the same way.
-    """
-    if not isinstance(layer, keras.layers.Layer):
-        return {}
-    spec = CallSpec(layer._call_signature, layer._call_context_args, list(args),
-                    dict(kwargs))
-    tensors = spec.tensor_arguments_dict
-    names = ["mask"] if len(tensors) == 1 else [f"{name}_mask" for name in tensors]
-    values = (list(tensors.values()) if len(tensors) > 1
-              else list(tensors.values())[:1])
-    return {
-        name: tree.map_structure(get_keras_mask, value)
-        for name, value in zip(names, values)
-        if name in spec.argument_names and spec.arguments_dict.get(name) is None
-        and any(m is not None for m in tree.flatten(
-            tree.map_structure(get_keras_mask, value)))
-    }
-
-
-@contextlib.contextmanager
-def _concrete_einsum_shapes():
-    """EinsumDense infers concrete output sizes while a layer is traced.
-
-    Keras' own inference leaves a projection's sequence length None
-    (`output_shape=(None, heads, dim)`), and MultiHeadAttention's causal
-    mask is then `ops.ones` of a None size, which fails; Keras itself
-    computes the shapes by running the whole block, so they are concrete.
-    """
-    original = keras.layers.EinsumDense.compute_output_shape
-
-    def compute_output_shape(self, input_shape):
-        return concrete_output_shape(
-            self.equation, original(self, input_shape), input_shape)
-
-    keras.layers.EinsumDense.compute_output_shape = compute_output_shape
-    try:
-        yield
-    finally:
-        keras.layers.EinsumDense.compute_output_shape = original
-
-
-def _traced_lambda(layer, arguments):
-    """A Lambda's graph where every op it records has a row, else None (float)."""
-    try:
-        traced = traced_call(layer, arguments)
-    except Exception:  # The function is not made of keras.ops: keep it float.
-        return None
-    recorded = [op for op in traced.operations
-                if not isinstance(op, keras.layers.InputLayer)]
-    if not all(registry.policy_for(op) is not None for op in recorded):
-        return None
-    return traced
-
-
-def _traceable(layer):
-    """A Lambda, or an Activation holding a function with no Keras name."""
-    return type(layer) is keras.layers.Lambda or (
-        type(layer) is keras.layers.Activation
-        and not registry.holds_registered_activation(layer)
-    )
-
-
-def is_composite(layer):
-    """True for a layer with no registry row whose `call` runs sublayers.
-
-    Examples:
-        >>> import keras
-        >>> is_composite(keras.layers.MultiHeadAttention(2, 4))
-        True
-        >>> is_composite(keras.layers.Dense(3))
-        False
-    """
-    if not isinstance(layer, keras.layers.Layer) or registry.spec_for(layer) is not None:
-        return False
-    if isinstance(layer, (Functional, keras.Sequential)):
-        return False  # Inlined as nested models.
-    return any(True for _ in layer._flatten_layers(include_self=False))
-
-
-def _traced_composite(layer, arguments):
-    """(graph, None) for a composite layer that traces, else (None, why)."""
-    try:
-        traced = traced_call(layer, arguments)
-    except Exception as error:
-        return None, (
-            "its call does not run on symbolic tensors "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:160]})"
-        )
-    for op in traced.operations:
-        if not _batch_free_reshape(op):
-            return None, (
-                f"its call reshapes to {op.newshape}, a shape with more than "
-                "one unknown size (it reads sizes of symbolic tensors)"
-            )
-    reached = {id(w) for op in traced.operations for w in getattr(op, "weights", ())}
-    frozen = [w.path for w in layer.weights if id(w) not in reached]
-    if frozen:
-        return None, (
-            f"its call uses weights outside sublayer calls ({frozen[:3]}), "
-            "which a traced graph would freeze into constants"
-        )
-    return traced, None
-
-
 def scoped_name(composite, name):
     """The name of sublayer `name` of a traced composite layer.
 
@@ -360,31 +220,6 @@ def scoped_name(composite, name):
     return f"{scoped}_{name}"
 
 
-def _batch_free_reshape(op):
-    """False for a reshape to a shape that cannot be made concrete.
-
-    A block that reshapes to `(ops.shape(x)[0], -1, c)` records the batch
-    size as None on symbolic tensors. Where the batch size is the one
-    unknown size of the input, the None stands for it: the other sizes
-    are computed from the input's, and the batch becomes -1 (set here, on
-    the traced op), as it is at run time.
-    """
-    if type(op) is not numpy_ops.Reshape:
-        return True
-    shape = list(op.newshape) if isinstance(op.newshape, (list, tuple)) else [op.newshape]
-    if None not in shape:
-        return True
-    source = op._inbound_nodes[0].arguments.keras_tensors[0].shape
-    if shape.count(None) > 1 or shape[0] is not None or source[0] is not None or (
-            None in source[1:]):
-        return False
-    if -1 in shape:
-        known = math.prod(size for size in shape[1:] if size != -1)
-        shape[shape.index(-1)] = math.prod(source[1:]) // known
-    op.newshape = tuple([-1] + shape[1:])
-    return True
-
-
 def _resolve_inner(layer, node, keep, untraced, name, composite):
     """(graph to inline, composite naming inside it), or (None, None) to
     keep the node's layer one node."""
@@ -392,14 +227,10 @@ def _resolve_inner(layer, node, keep, untraced, name, composite):
         return _functional_of(layer), composite
     if name in keep:
         return None, None
-    if _traceable(layer):
-        return _traced_lambda(layer, node.arguments), composite
-    if is_composite(layer):
-        inner, why = _traced_composite(layer, node.arguments)
-        if why is not None:
-            untraced[name] = why
-        return inner, (name, layer.name)
-    return None, None
+    inner, why = inlined_graph(layer, node.arguments)
+    if why is not None:
+        untraced[name] = why
+    return inner, ((name, layer.name) if is_composite(layer) else composite)
 
 
 def _materialized(tensor, scope, aliases, nodes, produced):

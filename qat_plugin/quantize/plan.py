@@ -19,6 +19,7 @@ from qat_plugin import registry
 from qat_plugin.errors import UnsupportedLayerError
 from qat_plugin.layers.affine import is_constant
 from qat_plugin.quantize.fusion import find_fusions
+from qat_plugin.quantize.graph import masked_softmax
 from qat_plugin.range_groups import RangeGroup
 
 
@@ -358,25 +359,6 @@ def plan_range_groups(graph, skip, fusions, aliases):
         for key in set(parent) | set(parent.values())
         if root(key) in groups
     }
-
-
-def masked_softmax(node):
-    """True for a Softmax layer called with a mask (MultiHeadAttention's).
-
-    Examples:
-        >>> import keras
-        >>> scores = keras.Input((2, 3))
-        >>> mask = keras.Input((2, 3), dtype="bool")
-        >>> y = keras.layers.Softmax()(scores, mask=mask)
-        >>> node = y._keras_history.operation._inbound_nodes[0]
-        >>> from qat_plugin.quantize.graph import OpNode
-        >>> masked_softmax(OpNode(node.operation, node.arguments, (), [], []))
-        True
-    """
-    if type(node.layer) is not keras.layers.Softmax:
-        return False
-    args, kwargs = node.arguments.args, node.arguments.kwargs
-    return kwargs.get("mask", args[1] if len(args) > 1 else None) is not None
 
 
 def check_activation_bits(plan, activation_bits):
