@@ -50,6 +50,15 @@ def deit():
     return _pooled(inputs, backbone(inputs))
 
 
+def mit():
+    backbone = H.MiTBackbone(
+        layerwise_depths=[1, 1], num_layers=2, layerwise_num_heads=[1, 2],
+        layerwise_sr_ratios=[2, 1], max_drop_path_rate=0.0, hidden_dims=[8, 16],
+        image_shape=(32, 32, 3), layerwise_patch_sizes=[7, 3], layerwise_strides=[4, 2])
+    inputs = keras.Input((32, 32, 3))
+    return keras.Model(inputs, L.Dense(4)(L.GlobalAveragePooling2D()(backbone(inputs))))
+
+
 def mobilenet_v3():
     backbone = H.MobileNetBackbone(
         stackwise_expansion=[[1], [4]], stackwise_num_blocks=[1, 1],
@@ -80,8 +89,8 @@ def _data(model, count=16):
     return data
 
 
-@pytest.mark.parametrize("make", [bert, whisper_encoder, deit, mobilenet_v3],
-                         ids=["bert", "whisper_encoder", "deit", "mobilenet_v3"])
+@pytest.mark.parametrize("make", [bert, whisper_encoder, deit, mit, mobilenet_v3],
+                         ids=["bert", "whisper_encoder", "deit", "mit", "mobilenet_v3"])
 def test_keras_hub_backbone_quantizes_with_no_more_float_ops_or_ops_than_ptq(make):
     model = make()
     x = _data(model)

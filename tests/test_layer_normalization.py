@@ -116,3 +116,22 @@ def test_a_feed_forward_block_on_embeddings_is_fully_int8_where_ptq_is_not():
     assert not report.float_ops and not report.conversion_ops, report.summary()
     assert len(report.ops) < len(ptq.ops)
     assert_parity(qat, tflite, ids, max_steps=3.0)
+
+
+def test_untrained_layer_norm_before_a_reshape_exports_without_its_folded_ops():
+    """gamma 1 and beta 0: the converter folds MUL(gamma) and ADD(beta) away;
+    exported without them, a Flatten after the norm converts (it failed on
+    the same-scale constraint of RESHAPE)."""
+    inputs = keras.Input(SHAPE)
+    x = L.LayerNormalization(name="norm")(L.Dense(6)(inputs))
+    model = keras.Model(inputs, L.Dense(4)(L.Flatten()(x)))
+    x_data, _ = data()
+    qat = qat_plugin.quantize_model(model)
+    qat_plugin.calibrate(qat, x_data)
+    exported = qat_plugin.export_tflite(qat)
+    report = qat_plugin.inspect_tflite(exported)
+    assert report.is_fully_int8, report.summary()
+    assert report.op_counts["MUL"] == 1 and report.op_counts["ADD"] == 1
+    ptq = qat_plugin.export_tflite(model, mode="int8", representative_data=x_data)
+    assert len(report.ops) <= len(qat_plugin.inspect_tflite(ptq).ops)
+    assert_parity(qat, exported, x_data)

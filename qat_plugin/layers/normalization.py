@@ -113,12 +113,27 @@ class QuantizedLayerNormalization(QuantizedLayer):
         inverse = fq("inverse", ops.rsqrt(shifted))
         x = inputs if layer.rms_scaling else fq("centred", inputs - mean)
         x = fq("normalized", x * inverse)
-        if layer.scale:
+        folded = self._export_constants if is_exporting() else {}
+        if layer.scale and not folded.get("unit_gamma"):
             x = fq("scaled", x * self._broadcast(ops.convert_to_tensor(layer.gamma), inputs))
-        if "centre" in self.stages:
+        if "centre" in self.stages and not folded.get("zero_beta"):
             x = fq("centre", x + self._broadcast(ops.convert_to_tensor(layer.beta), inputs))
         self._advance(training)
         return x
+
+    def export_constants(self):
+        # The converter folds a MUL by ones and an ADD of zeros away (an
+        # untrained gamma and beta): the fake-quants around such an op then
+        # meet on one tensor, and a RESHAPE after it fails to convert
+        # ("same scale constraint"). The export leaves those ops out; their
+        # ranges equal their input's (they observe the same values).
+        def all_equal(weight, value):
+            return not bool(ops.convert_to_numpy(ops.any(ops.not_equal(weight, value))))
+
+        return {
+            "unit_gamma": self.layer.scale and all_equal(self.layer.gamma, 1.0),
+            "zero_beta": "centre" in self.stages and all_equal(self.layer.beta, 0.0),
+        }
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -121,7 +121,7 @@ def _mask_arguments(layer, args, kwargs):
 
 @contextlib.contextmanager
 def _tracing_shims():
-    """Two differences from Keras' own symbolic run, while a layer is traced.
+    """Three differences from Keras' own symbolic run, while a layer is traced.
 
     Keras computes a composite layer's output by running the whole block
     on backend tensors; tracing runs each sublayer on KerasTensors, where
@@ -131,9 +131,24 @@ def _tracing_shims():
     which fails; here the size is read off the input; (2) a sublayer
     returning None beside its tensors (keras-hub DeiT's encoder blocks:
     `(x, None)` without attention scores) cannot be recorded as a node;
-    here its node records the tensors only.
+    here its node records the tensors only; (3) a reshape to
+    `(ops.shape(x)[0], -1, c)` records the batch as None, and its output
+    loses the sizes `-1` stands for; here they are computed
+    (`_batch_free_shape`).
     """
     einsum_shape = keras.layers.EinsumDense.compute_output_shape
+    reshape_spec = numpy_ops.Reshape.compute_output_spec
+
+    def compute_reshape_spec(self, x):
+        concrete = _batch_free_shape(self.newshape, x.shape)
+        if concrete is not None:
+            self.newshape = concrete
+            # The op's config (what its copies are made from) is the
+            # constructor's arguments, recorded by Keras.
+            auto_config = getattr(self, "_auto_config", None)
+            if auto_config is not None and "newshape" in auto_config.config:
+                auto_config.config["newshape"] = concrete
+        return reshape_spec(self, x)
 
     def compute_output_shape(self, input_shape):
         return concrete_output_shape(
@@ -144,11 +159,13 @@ def _tracing_shims():
                     [t for t in tree.flatten(outputs) if isinstance(t, keras.KerasTensor)])
 
     keras.layers.EinsumDense.compute_output_shape = compute_output_shape
+    numpy_ops.Reshape.compute_output_spec = compute_reshape_spec
     layer_module.Node = node_of_tensors  # Where Layer.__call__ records nodes.
     try:
         yield
     finally:
         keras.layers.EinsumDense.compute_output_shape = einsum_shape
+        numpy_ops.Reshape.compute_output_spec = reshape_spec
         layer_module.Node = Node
 
 
@@ -203,7 +220,7 @@ def _traced_composite(layer, arguments):
             f"({type(error).__name__}: {str(error).splitlines()[0][:160]})"
         )
     for op in traced.operations:
-        if not _batch_free_reshape(op):
+        if type(op) is numpy_ops.Reshape and None in tree.flatten(op.newshape):
             return None, (
                 f"its call reshapes to {op.newshape}, a shape with more than "
                 "one unknown size (it reads sizes of symbolic tensors)"
@@ -218,29 +235,31 @@ def _traced_composite(layer, arguments):
     return traced, None
 
 
-def _batch_free_reshape(op):
-    """False for a reshape to a shape that cannot be made concrete.
+def _batch_free_shape(newshape, source):
+    """`newshape` with the batch as -1, or None where it cannot be made so.
 
     A block that reshapes to `(ops.shape(x)[0], -1, c)` records the batch
     size as None on symbolic tensors. Where the batch size is the one
-    unknown size of the input, the None stands for it: the other sizes
-    are computed from the input's, and the batch becomes -1 (set here, on
-    the traced op), as it is at run time.
+    unknown size of the input `source`, the None stands for it: the other
+    sizes are computed from the input's, and the batch becomes -1, as it
+    is at run time.
+
+    Examples:
+        >>> _batch_free_shape((None, -1, 8), (None, 4, 4, 8))
+        (-1, 16, 8)
+        >>> _batch_free_shape((None, -1, 8), (None, None, 8)) is None
+        True
     """
-    if type(op) is not numpy_ops.Reshape:
-        return True
-    shape = list(op.newshape) if isinstance(op.newshape, (list, tuple)) else [op.newshape]
+    shape = list(newshape) if isinstance(newshape, (list, tuple)) else [newshape]
     if None not in shape:
-        return True
-    source = op._inbound_nodes[0].arguments.keras_tensors[0].shape
+        return tuple(shape)
     if shape.count(None) > 1 or shape[0] is not None or source[0] is not None or (
             None in source[1:]):
-        return False
+        return None
     if -1 in shape:
         known = math.prod(size for size in shape[1:] if size != -1)
         shape[shape.index(-1)] = math.prod(source[1:]) // known
-    op.newshape = tuple([-1] + shape[1:])
-    return True
+    return tuple([-1] + shape[1:])
 
 
 def _hard_sigmoid_ops(arguments):
