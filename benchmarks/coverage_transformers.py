@@ -9,6 +9,8 @@ models (the others take noise images, as the rest of the coverage run).
   Transformer" block (MultiHeadAttention, a Sequential feed-forward,
   LayerNormalization, Dropout) on keras-hub's TokenAndPositionEmbedding.
 - AttentionBlock: a pre-norm MultiHeadAttention block on a sequence.
+- MobileViT: keras.io's MobileViT, shrunk (one MobileViT block with two
+  transformer layers over unfolded 4-D patches).
 - BERT, DistilBERT: keras-hub backbones (token ids, segment ids, a padding
   mask), pooled into a 4-class head.
 - WhisperEncoder: keras-hub Whisper's audio encoder (Conv1D, GELU,
@@ -69,6 +71,38 @@ def attention_block(side):
     h = L.LayerNormalization()(inputs)
     x = L.Add()([inputs, L.MultiHeadAttention(2, 8)(h, h)])
     return _pooled(inputs, x)
+
+
+def _swish_conv(x, filters, kernel_size=3, strides=1):
+    return L.Conv2D(filters, kernel_size, strides=strides, padding="same",
+                    activation=keras.activations.swish)(x)
+
+
+def _vit_mlp(x, units):
+    for width in units:
+        x = L.Dropout(0.1)(L.Dense(width, activation=keras.activations.swish)(x))
+    return x
+
+
+def mobilevit(side, patch_size=4, projection_dim=16):
+    """keras.io's MobileViT (XXS-style, shrunk): conv stem, a MobileViT block
+    (local convs, unfold with Reshape, transformer blocks of
+    MultiHeadAttention over 4-D patches, fold, fuse), pooled head."""
+    inputs = keras.Input((side, side, 3))
+    x = _swish_conv(inputs, 16, strides=2)
+    local = _swish_conv(_swish_conv(x, projection_dim), projection_dim, kernel_size=1)
+    patches = int(local.shape[1] * local.shape[2] / patch_size)
+    y = L.Reshape((patch_size, patches, projection_dim))(local)
+    for _ in range(2):
+        h = L.LayerNormalization(epsilon=1e-6)(y)
+        h = L.MultiHeadAttention(num_heads=2, key_dim=projection_dim, dropout=0.1)(h, h)
+        h = L.Add()([h, y])
+        y = L.Add()([_vit_mlp(L.LayerNormalization(epsilon=1e-6)(h),
+                              [2 * projection_dim, projection_dim]), h])
+    y = L.Reshape((*local.shape[1:-1], projection_dim))(y)
+    y = _swish_conv(y, x.shape[-1], kernel_size=1)
+    x = _swish_conv(L.Concatenate(axis=-1)([x, y]), projection_dim)
+    return keras.Model(inputs, L.Dense(10)(L.GlobalAveragePooling2D()(x)))
 
 
 def _text(backbone, names):
@@ -163,6 +197,7 @@ def resnet(side):
 MODELS = {
     "KerasIOTextTransformer": keras_io_text_transformer,
     "AttentionBlock": attention_block,
+    "MobileViT": mobilevit,
     "BERT": bert,
     "DistilBERT": distilbert,
     "WhisperEncoder": whisper_encoder,

@@ -236,3 +236,17 @@ def test_three_way_add_and_hard_sigmoid_are_int8_chains():
     assert report.op_counts["ADD"] == 3 and report.op_counts["MUL"] == 1
     assert len(report.ops) <= len(ptq.ops)
     assert_parity(qat, data, x_data)
+
+
+def test_attention_over_two_axes_softmax_is_one_int8_softmax():
+    """keras.io MobileViT attends over 4-D patches: Keras' softmax over two
+    axes is exp(x - logsumexp(x)); merged into one axis it is SOFTMAX."""
+    inputs = keras.Input((2, STEPS, WIDTH))
+    a = L.MultiHeadAttention(2, 4, dropout=0.1, name="mha")(inputs, inputs)
+    model = keras.Model(inputs, L.Dense(3)(L.Flatten()(a)))
+    x = np.random.default_rng(0).normal(size=(32, 2, STEPS, WIDTH)).astype("float32")
+    qat, data, report, ptq = exported(model, x)
+    assert_int8(report)
+    assert report.op_counts["SOFTMAX"] == 1 and "EXP" not in report.op_counts
+    assert len(report.ops) <= len(ptq.ops)
+    assert_parity(qat, data, x)

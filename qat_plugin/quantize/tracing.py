@@ -275,12 +275,41 @@ def _hard_sigmoid_ops(arguments):
 
 
 
+def _merged_softmax_ops(layer, arguments):
+    """A Softmax over several trailing axes as RESHAPE, SOFTMAX, RESHAPE.
+
+    Keras computes it as `exp(x - logsumexp(x))`, a chain of EXP, LOG,
+    SUM, SUB, ... ops (MultiHeadAttention over two attention axes, as in
+    keras.io's MobileViT). Merged into one axis it is one int8 SOFTMAX with
+    its fixed range, the same function. None for any other layer, or a
+    Softmax with a mask.
+    """
+    if type(layer) is not keras.layers.Softmax or not isinstance(layer.axis, (list, tuple)):
+        return None
+    args, kwargs = arguments.args, arguments.kwargs
+    if kwargs.get("mask", args[1] if len(args) > 1 else None) is not None:
+        return None
+    tensor = arguments.keras_tensors[0]
+    rank = len(tensor.shape)
+    axes = sorted(axis % rank for axis in layer.axis)
+    trailing = tensor.shape[rank - len(axes):]
+    if len(axes) < 2 or axes != list(range(rank - len(axes), rank)) or None in trailing:
+        return None
+    inputs = keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype)
+    kept = tuple(inputs.shape[1:rank - len(axes)])
+    merged = keras.ops.reshape(inputs, (-1,) + kept + (math.prod(trailing),))
+    outputs = keras.ops.reshape(keras.ops.softmax(merged, axis=-1),
+                                (-1,) + kept + tuple(trailing))
+    return Functional([inputs], outputs)
+
+
 def inlined_graph(layer, arguments):
     """`(graph, why)`: the graph a call of `layer` is inlined as.
 
     `(graph, None)` for a Lambda or an Activation holding a Python function
-    whose ops all have rows, a composite layer that traces, or a hard
-    sigmoid (ADD, RELU6, MUL); `(None, why)` for a composite layer that
+    whose ops all have rows, a composite layer that traces, a hard
+    sigmoid (ADD, RELU6, MUL) or a Softmax over several trailing axes
+    (RESHAPE, SOFTMAX, RESHAPE); `(None, why)` for a composite layer that
     cannot be traced; `(None, None)` for a layer that stays one node.
 
     Examples:
@@ -294,6 +323,9 @@ def inlined_graph(layer, arguments):
     """
     if registry.activation_name(layer) == "hard_sigmoid":
         return _hard_sigmoid_ops(arguments), None
+    merged = _merged_softmax_ops(layer, arguments)
+    if merged is not None:
+        return merged, None
     if _traceable(layer):
         return _traced_lambda(layer, arguments), None
     if is_composite(layer):
