@@ -25,7 +25,7 @@ from qat_plugin.layers import (
 )
 from qat_plugin.errors import UnsupportedLayerError
 from qat_plugin.quantize.build_transformer import TRANSFORMER_BUILDERS
-from qat_plugin.quantize.graph import masked_softmax
+from qat_plugin.quantize.graph import is_masked_softmax
 from qat_plugin.quantize.plan import average_divisor, averages
 from qat_plugin.quantize.weight_transforms import (
     composed,
@@ -187,7 +187,7 @@ def _is_float(tensor):
 def build_activation(builder, node, spec, fusion):
     """An activation not fused into the op before it."""
     name = spec.activation_for(node.layer)
-    if masked_softmax(node):
+    if is_masked_softmax(node):
         layer = builder.layer_for(id(node.layer), lambda: QuantizedMaskedSoftmax(
             axis=node.layer.axis, name=node.name,
             **builder.quantizer_kwargs(node.inputs[0])))

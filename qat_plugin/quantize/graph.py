@@ -59,7 +59,7 @@ class OpNode:
             self.name = self.layer.name
 
 
-def masked_softmax(node):
+def is_masked_softmax(node):
     """True for a Softmax layer called with a mask (MultiHeadAttention's).
 
     Examples:
@@ -68,7 +68,7 @@ def masked_softmax(node):
         >>> mask = keras.Input((2, 3), dtype="bool")
         >>> y = keras.layers.Softmax()(scores, mask=mask)
         >>> node = y._keras_history.operation._inbound_nodes[0]
-        >>> masked_softmax(OpNode(node.operation, node.arguments, (), [], []))
+        >>> is_masked_softmax(OpNode(node.operation, node.arguments, (), [], []))
         True
     """
     if type(node.layer) is not keras.layers.Softmax:

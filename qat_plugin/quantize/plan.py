@@ -19,7 +19,7 @@ from qat_plugin import registry
 from qat_plugin.errors import UnsupportedLayerError
 from qat_plugin.layers.affine import is_constant
 from qat_plugin.quantize.fusion import find_fusions
-from qat_plugin.quantize.graph import masked_softmax
+from qat_plugin.quantize.graph import is_masked_softmax
 from qat_plugin.range_groups import RangeGroup
 
 
@@ -335,7 +335,7 @@ def plan_range_groups(graph, skip, fusions, aliases):
             link(list(node.inputs) + list(node.outputs))
             if averages(node.layer):
                 owners.append((node.name, node.outputs[0]))
-        elif masked_softmax(node):
+        elif is_masked_softmax(node):
             # Its SELECT_V2 keeps the input's scale, which it reads.
             parent.setdefault(node.inputs[0], node.inputs[0])
             owners.append((node.name, node.inputs[0]))
