@@ -66,7 +66,8 @@ The policies, following the TFLite 8-bit specification:
   sum of token and position embeddings has one, a reverse call's logits too).
 - `LAYER_NORM`: LayerNormalization as MEAN, SUB, SQUARED_DIFFERENCE, MEAN,
   ADD, RSQRT, MUL, MUL, ADD, all int8, one fake-quant after each
-  (`qat_plugin.layers.normalization`).
+  (`qat_plugin.layers.normalization`); GroupNormalization as the same chain
+  between two RESHAPEs into and out of its groups.
 - `ATTENTION`: `ops.dot_product_attention` (inside MultiHeadAttention) as
   BATCH_MATMUL, MUL, SOFTMAX, BATCH_MATMUL, all int8, one fake-quant after
   each (`qat_plugin.layers.attention`).

@@ -157,7 +157,8 @@ _ROWS = {
     _L.EinsumDense: LayerSpec(LINEAR, EinsumOp(), fuses_activation=True),
     **_rows((_L.Embedding, _L.ReversibleEmbedding), policy=EMBEDDING),
     # All int8 (PTQ leaves a float NEG in it): qat_plugin.layers.normalization.
-    _L.LayerNormalization: LayerSpec(LAYER_NORM),
+    # GroupNormalization: the same chain on groups (PTQ: NEG, SQUARE float).
+    **_rows((_L.LayerNormalization, _L.GroupNormalization), policy=LAYER_NORM),
     # Inside composite layers (MultiHeadAttention, keras-hub blocks), traced
     # by `quantize.graph`. A matmul of two activations is BATCH_MATMUL, with
     # an output scale of its own.

@@ -112,7 +112,7 @@ def test_a_kept_float_lambda_activation_does_not_load_as_in_keras(tmp_path):
     None, lambda: L.Reshape((-1,)), lambda: L.MaxPooling2D(),
 ], ids=["flatten", "reshape", "max_pool"])
 def test_a_skipped_weighted_layer_before_a_same_scale_op_exports(after):
-    # GroupNormalization stays float in PTQ too.
+    # A weighted layer kept float with skip=, then a same-scale op.
     model = _model(L.GroupNormalization(2, name="norm"),
                    None if after is None else after())
     qat = qat_plugin.quantize_model(model, skip=["norm"])

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import qat_plugin
+from qat_plugin.config.constants import NEVER
 from qat_plugin.layers import QuantizedLayerNormalization
+from qat_plugin.layers.base import quantized_layers
 from tests.conftest import assert_keras_round_trip, assert_parity, qat_fit
 
 L = keras.layers
@@ -135,3 +137,38 @@ def test_untrained_layer_norm_before_a_reshape_exports_without_its_folded_ops():
     ptq = qat_plugin.export_tflite(model, mode="int8", representative_data=x_data)
     assert len(report.ops) <= len(qat_plugin.inspect_tflite(ptq).ops)
     assert_parity(qat, exported, x_data)
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["untrained", "trained"])
+def test_group_normalization_is_fully_int8_where_ptq_keeps_neg_and_square_float(
+        trained, tmp_path):
+    inputs = keras.Input((6, 6, 8))
+    x = L.Conv2D(8, 3, padding="same")(inputs)
+    norm = L.GroupNormalization(groups=2, name="norm")
+    x = L.ReLU()(norm(x))
+    model = keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(L.Conv2D(8, 3)(x))))
+    if trained:
+        rng = np.random.default_rng(1)
+        for weight in norm.weights:
+            offset = 1.0 if "gamma" in weight.path else 0.0
+            weight.assign(offset + 0.5 * rng.normal(size=weight.shape))
+    x_data = np.random.default_rng(0).normal(size=(32, 6, 6, 8)).astype("float32")
+    qat = qat_plugin.quantize_model(model)
+    assert type(qat.get_layer("norm")) is QuantizedLayerNormalization
+    # Before fake-quant starts it computes Keras' GroupNormalization.
+    for layer in quantized_layers(qat):
+        layer.set_qat_schedule([NEVER, NEVER, NEVER])
+    np.testing.assert_allclose(qat.predict(x_data, verbose=0),
+                               model.predict(x_data, verbose=0), atol=1e-4)
+    for layer in quantized_layers(qat):
+        layer.set_qat_schedule([0, NEVER, NEVER])
+    qat_plugin.calibrate(qat, x_data)
+    exported = qat_plugin.export_tflite(qat)
+    report = qat_plugin.inspect_tflite(exported)
+    assert report.is_fully_int8, report.summary()
+    ptq = qat_plugin.inspect_tflite(
+        qat_plugin.export_tflite(model, mode="int8", representative_data=x_data))
+    assert {op.name for op in ptq.float_ops} >= {"SQUARE"}
+    assert len(report.ops) <= len(ptq.ops)
+    assert_parity(qat, exported, x_data)
+    assert_keras_round_trip(qat, x_data, tmp_path / "group_norm.keras")

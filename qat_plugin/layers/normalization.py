@@ -33,8 +33,12 @@ def _squared_difference(x, mean):
 class QuantizedLayerNormalization(QuantizedLayer):
     """A LayerNormalization computed by int8 TFLite ops, each output fake-quantized.
 
+    A GroupNormalization is the same chain on its input reshaped into
+    groups (the converter's PTQ keeps its NEG and SQUARE float).
+
     Args:
-        layer: a fresh copy of the `keras.layers.LayerNormalization`.
+        layer: a fresh copy of the `keras.layers.LayerNormalization` or
+            `keras.layers.GroupNormalization`.
         num_bits: activation bit width.
         ema_decay: decay of the activation range observers.
 
@@ -56,11 +60,12 @@ class QuantizedLayerNormalization(QuantizedLayer):
         kwargs.setdefault("name", layer.name)
         super().__init__(num_bits=num_bits, ema_decay=ema_decay, **kwargs)
         self.layer = layer
+        self.rms_scaling = getattr(layer, "rms_scaling", False)  # LayerNormalization's
         # The fake-quantized tensors, in order; the last one is "output".
         stages = ["mean", "squares", "variance", "shifted", "inverse"]
-        stages += [] if layer.rms_scaling else ["centred"]
+        stages += [] if self.rms_scaling else ["centred"]
         stages += ["normalized"] + (["scaled"] if layer.scale else [])
-        stages += ["centre"] if layer.center and not layer.rms_scaling else []
+        stages += ["centre"] if layer.center and not self.rms_scaling else []
         self.stages = stages
         self.quantizers = {
             stage: self._activation_quantizer(
@@ -78,16 +83,31 @@ class QuantizedLayerNormalization(QuantizedLayer):
     def activation_quantizers(self):
         return [self.quantizers[stage] for stage in self.stages]
 
-    def _broadcast(self, vector, inputs):
-        """`vector` (gamma or beta) shaped as Keras broadcasts it."""
+    def _layout(self, inputs):
+        """`(x, axes, vector_shape, restore_shape)`: the tensor normalized over
+        `axes`, the shape gamma and beta take against it (None: as they are)
+        and the shape to give the result back (None: x's own).
+
+        A GroupNormalization normalizes its input reshaped into groups
+        (`[..., groups, channels // groups]`, as Keras computes it; two
+        int8 RESHAPEs that keep the scale).
+        """
+        layer = self.layer
         rank = len(inputs.shape)
-        axes = sorted(a % rank for a in self.layer.axis)
-        if axes == [rank - 1]:
-            return vector
-        shape = [1] * rank
-        for axis in axes:
-            shape[axis] = inputs.shape[axis]
-        return ops.reshape(vector, shape)
+        if not isinstance(layer, keras.layers.GroupNormalization):
+            axes = sorted(a % rank for a in layer.axis)
+            vector = None if axes == [rank - 1] else [
+                inputs.shape[a] if a in axes else 1 for a in range(rank)]
+            return inputs, axes, vector, None
+        axis = layer.axis % rank
+        channels = inputs.shape[axis]
+        grouped = (list(inputs.shape[1:axis]) + [layer.groups, channels // layer.groups]
+                   + list(inputs.shape[axis + 1:]))
+        vector = [1] * (len(grouped) + 1)
+        vector[axis], vector[axis + 1] = layer.groups, channels // layer.groups
+        axes = [a for a in range(1, len(grouped) + 1) if a != axis]
+        return (ops.reshape(inputs, [-1] + grouped), axes, vector,
+                [-1] + list(inputs.shape[1:]))
 
     def call(self, inputs, training=False):
         quantize, _, ranges_frozen = self._phase(training)
@@ -98,10 +118,22 @@ class QuantizedLayerNormalization(QuantizedLayer):
             )
 
         layer = self.layer
-        rank = len(inputs.shape)
-        axes = sorted(a % rank for a in layer.axis)
+        inputs, axes, vector_shape, restore_shape = self._layout(inputs)
+
+        def broadcast(weight):
+            vector = ops.convert_to_tensor(weight)
+            return vector if vector_shape is None else ops.reshape(vector, vector_shape)
+
         mean = fq("mean", ops.mean(inputs, axis=axes, keepdims=True))
-        squares = fq("squares", _squared_difference(inputs, mean))
+        centred = None if self.rms_scaling else fq("centred", inputs - mean)
+        if len(inputs.shape) > 4 and centred is not None:
+            # TFLite's int8 SQUARED_DIFFERENCE takes up to 4 dimensions (the
+            # converter splits a 5-D one into SUB and a float SQUARE): the
+            # grouped input of a GroupNormalization squares its centred
+            # values with an int8 MUL.
+            squares = fq("squares", centred * centred)
+        else:
+            squares = fq("squares", _squared_difference(inputs, mean))
         variance = fq("variance", ops.mean(squares, axis=axes, keepdims=True))
         shifted = fq("shifted", variance + layer.epsilon)
         if not is_exporting():
@@ -111,15 +143,15 @@ class QuantizedLayerNormalization(QuantizedLayer):
             # rsqrt(epsilon) clips to that range the same way.
             shifted = ops.maximum(shifted, max(float(layer.epsilon), 1e-12))
         inverse = fq("inverse", ops.rsqrt(shifted))
-        x = inputs if layer.rms_scaling else fq("centred", inputs - mean)
+        x = inputs if self.rms_scaling else centred
         x = fq("normalized", x * inverse)
         folded = self._export_constants if is_exporting() else {}
         if layer.scale and not folded.get("unit_gamma"):
-            x = fq("scaled", x * self._broadcast(ops.convert_to_tensor(layer.gamma), inputs))
+            x = fq("scaled", x * broadcast(layer.gamma))
         if "centre" in self.stages and not folded.get("zero_beta"):
-            x = fq("centre", x + self._broadcast(ops.convert_to_tensor(layer.beta), inputs))
+            x = fq("centre", x + broadcast(layer.beta))
         self._advance(training)
-        return x
+        return x if restore_shape is None else ops.reshape(x, restore_shape)
 
     def export_constants(self):
         # The converter folds a MUL by ones and an ADD of zeros away (an
