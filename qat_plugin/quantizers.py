@@ -239,14 +239,14 @@ class ActivationQuantizer:
         """Creates the range variables on `layer`."""
         if self.fixed_range is not None:
             return
-        if self.group is not None:
-            self.group.join(self)
         # The range starts empty (min > max): "never observed" is a state of
         # its own, apart from a constant activation's zero-width range.
         self.range_min = self._state(layer, "min", "ones")
         self.range_max = self._state(layer, "max", keras.initializers.Constant(-1.0))
         # Batches with NaN or inf that the observer skipped.
         self.nonfinite_batches = self._state(layer, "nonfinite_batches", "zeros")
+        if self.group is not None:
+            self.group.join(self, layer)
 
     def _state(self, layer, name, initializer):
         return layer.add_weight(
@@ -308,6 +308,8 @@ class ActivationQuantizer:
         if frozen is not False:
             skipped = ops.logical_and(skipped, ops.logical_not(frozen))
         self.nonfinite_batches.assign_add(ops.cast(skipped, "float32"))
+        if self.group is not None:
+            self.group.record(self, new_min, new_max)
         return self._clamped(new_min, new_max)
 
     def quantize(self, x, range_min, range_max):

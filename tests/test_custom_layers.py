@@ -213,6 +213,31 @@ def test_calibrate_updates_ranges_only():
     assert qat_plugin.inspect_tflite(qat_plugin.export_tflite(qat)).is_fully_int8
 
 
+def test_a_long_calibration_runs_compiled_and_observes_as_eager_calls_do():
+    from qat_plugin.layers.base import calibration_mode, quantized_layers
+    from qat_plugin.quantize.calibration import _EAGER_BATCHES
+
+    inputs = keras.Input((8, 8, 3))
+    left = L.Conv2D(4, 3, padding="same")(inputs)
+    right = L.BatchNormalization()(L.Conv2D(4, 1)(inputs))
+    x = L.Concatenate()([left, L.ReLU()(right)])
+    model = keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x)))
+    compiled, eager = qat_plugin.quantize_model(model), qat_plugin.quantize_model(model)
+    batches = [_data(4) * (1 + i) for i in range(_EAGER_BATCHES + 3)]
+    assert qat_plugin.calibrate(compiled, np.concatenate(batches), batch_size=4) == len(batches)
+    with calibration_mode():
+        for batch in batches:
+            eager(batch, training=False)
+    assert len(compiled.non_trainable_weights) == len(eager.non_trainable_weights)
+    for got, want in zip(compiled.non_trainable_weights, eager.non_trainable_weights):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=got.path)
+    assert max(int(layer.qat_step.numpy()) for layer in quantized_layers(compiled)) == 0
+    data = qat_plugin.export_tflite(compiled)
+    assert qat_plugin.inspect_tflite(data).is_fully_int8
+    assert_parity(compiled, data, batches[-1])
+
+
 def test_calibrate_reads_datasets_and_rejects_bad_input():
     import tensorflow as tf
 

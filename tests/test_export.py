@@ -276,3 +276,30 @@ def test_keras_litert_export_of_a_qat_model_writes_the_int8_file(tmp_path):
                                                      r"\(optimizations given\).*export_tflite"):
         loaded.export(str(tmp_path / "x.tflite"), format="litert", optimizations=[])
     assert not (tmp_path / "x.tflite").exists()
+
+
+def test_a_qat_export_graph_holds_constants_only():
+    # Ranges, schedule switches and range-group unions are read before
+    # tracing: the graph converted has no variable to freeze.
+    from qat_plugin.layers.base import export_mode, quantized_layers
+    from qat_plugin.tflite.convert import _frozen_function
+    from qat_plugin.tflite.input_shapes import export_input_specs
+
+    inputs = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    b = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 1)(inputs))
+    x = keras.layers.Concatenate()([a, b, keras.layers.MaxPooling2D(1)(inputs)])
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+    qat = qat_plugin.quantize_model(model)
+    data, _ = images(16, (8, 8, 3))
+    qat(data, training=True)
+    for layer in quantized_layers(qat):
+        layer.prepare_export()
+    with export_mode():
+        function = _frozen_function(qat, export_input_specs(qat))
+    assert list(function.captured_inputs) == []
+    ops_in_graph = {node.op for node in function.graph.as_graph_def().node}
+    assert not ops_in_graph & {"ReadVariableOp", "GreaterEqual", "Minimum", "Maximum"}
+    exported = qat_plugin.export_tflite(qat)
+    assert qat_plugin.inspect_tflite(exported).is_fully_int8
+    assert_parity(qat, exported, data)

@@ -188,3 +188,25 @@ def test_a_constant_activation_is_observed_with_a_zero_width_range():
     constant.build(layer)
     constant.observe(ops.convert_to_tensor([3.0, 3.0]), frozen=False)
     assert [float(v) for v in constant.current_range()] == [0.0, 3.0]
+
+
+def test_a_range_group_forgets_a_member_range_one_cycle_after_it_shrinks():
+    layer = keras.layers.Layer()
+    group = RangeGroup("chain")
+    a = ActivationQuantizer("a", group=group, ema_decay=0.0)
+    b = ActivationQuantizer("b", group=group, ema_decay=0.0)
+    a.build(layer)
+    b.build(layer)
+    assert group.holder == f"{layer.name}/a" and len(layer.weights) == 7
+
+    def step(b_values):
+        a.observe(ops.convert_to_tensor([0.0, 1.0]), frozen=False)
+        return b.observe(ops.convert_to_tensor(b_values), frozen=False)
+
+    assert [float(v) for v in step([-4.0, 8.0])] == [-4.0, 8.0]
+    # b shrinks: the cycle before still holds its old range ...
+    assert [float(v) for v in step([0.0, 2.0])] == [-4.0, 8.0]
+    # ... and one cycle later only the members' latest ranges count.
+    assert [float(v) for v in step([0.0, 2.0])] == [0.0, 2.0]
+    assert [float(v) for v in a.current_range()] == [0.0, 2.0]
+    assert RangeGroup.from_config(group.get_config()).holder == group.holder

@@ -62,7 +62,7 @@ def masked_softmax(layer, scores_quantizer, probabilities_quantizer, scores, mas
             scores_quantizer, scores, quantize, ranges_frozen, training,
             observe=False)
     mask = ops.cast(mask, "bool")
-    low, _ = scores_quantizer.current_range()
+    low, _ = layer.range_of(scores_quantizer)
     fill = select(quantizing, ops.cast(low, scores.dtype),
                   ops.cast(_LARGE_NEGATIVE, scores.dtype))
     masked = layer._quantize_activation(

@@ -4,6 +4,7 @@ import contextlib
 import threading
 
 import keras
+import numpy as np
 from keras import ops
 
 from qat_plugin.config.constants import FUSED_ACTIVATIONS, NEVER
@@ -223,6 +224,7 @@ class QuantizedLayer(keras.layers.Layer):
         self.ema_decay = ema_decay
         self.range_group = range_group
         self._export_constants = None
+        self._export_ranges = {}
 
     def _activation_quantizer(self, name, fixed_range=None, average_divisor=None,
                               grouped=None):
@@ -294,6 +296,9 @@ class QuantizedLayer(keras.layers.Layer):
         Each is a Python bool where `static_phase` says the switch cannot
         change during training, else a boolean tensor decided in-graph.
         """
+        if is_exporting():
+            # The int8 file always quantizes: no switch in the export graph.
+            return True, True, True
         step = self.qat_step
         if training and not is_calibrating():
             return tuple(
@@ -315,13 +320,13 @@ class QuantizedLayer(keras.layers.Layer):
         """Observes (when training, unless not `observe`) and fake-quantizes
         `x` with `quantizer`."""
         if is_exporting():
-            return quantizer.quantize(x, *quantizer.current_range())
+            return quantizer.quantize(x, *self.range_of(quantizer))
         observing = observe and (training or is_calibrating()) and (
             quantizer.fixed_range is None)
         if observing:
             range_min, range_max = quantizer.observe(x, ranges_frozen)
         else:
-            range_min, range_max = quantizer.current_range()
+            range_min, range_max = self.range_of(quantizer)
         probe = getattr(_mode, "probe", None)
         if probe is not None:
             probe.append((self, quantizer, x, range_min, range_max))
@@ -347,8 +352,25 @@ class QuantizedLayer(keras.layers.Layer):
         return None
 
     def prepare_export(self):
-        """Computes the export constants; called eagerly before tracing."""
+        """Computes the export constants; called eagerly before tracing.
+
+        The activation ranges are read here too, so that the export graph
+        holds constants instead of the range variables and the arithmetic
+        of range groups and clamping.
+        """
         self._export_constants = self.export_constants()
+        self._export_ranges = {
+            id(quantizer): tuple(
+                np.float32(ops.convert_to_numpy(bound)) for bound in quantizer.current_range()
+            )
+            for quantizer in self.activation_quantizers()
+        }
+
+    def range_of(self, quantizer):
+        """`quantizer`'s current range; while exporting, the one `prepare_export` read."""
+        if is_exporting() and id(quantizer) in self._export_ranges:
+            return self._export_ranges[id(quantizer)]
+        return quantizer.current_range()
 
     # Attributes holding wrapped Keras layers, serialized in the config.
     _sublayer_keys = ()

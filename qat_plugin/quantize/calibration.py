@@ -2,6 +2,7 @@
 
 import warnings
 
+import keras
 from keras import ops, tree
 
 from qat_plugin.data.batches import (
@@ -59,11 +60,14 @@ def calibrate(model, data, steps=None, batch_size=32):
     skipped_before = nonfinite_batches(model)
     run = 0
     with calibration_mode():
+        observe = _eager_call(model)
         for batch in _batches(data, streamed, specs, batch_size):
             if steps is not None and run == steps:
                 break
-            inputs = tree.pack_sequence_as(model._inputs_struct, batch)
-            model(inputs, training=False)
+            if run == _EAGER_BATCHES:
+                # Traced inside the context: the compiled call observes.
+                observe = _compiled_call(model)
+            observe(tree.pack_sequence_as(model._inputs_struct, batch))
             run += 1
     if run == 0:
         raise ValueError("calibrate: data yielded no batches.")
@@ -115,6 +119,47 @@ def warn_nonfinite(model, where, since=None):
             stacklevel=3,
         )
     return totals
+
+
+# Measured on MobileNetV2 96x96, batch 32, 2 cores: an eager batch takes
+# about 1 s, a compiled one 0.3 s, and tracing 4-5 s. A few batches run
+# eagerly; a longer calibration is compiled after them.
+_EAGER_BATCHES = 8
+
+
+def _eager_call(model):
+    return lambda inputs: model(inputs, training=False)
+
+
+def _compiled_call(model):
+    """`model(inputs, training=False)` as a compiled function of the backend.
+
+    On JAX the range updates come back from a jitted stateless call and are
+    assigned; torch runs eagerly.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda inputs: model(inputs, training=False),
+                           reduce_retracing=True)
+    if backend == "jax":
+        import jax
+
+        @jax.jit
+        def stateless(trainable, non_trainable, inputs):
+            _, updated = model.stateless_call(trainable, non_trainable, inputs,
+                                              training=False)
+            return updated
+
+        def observe(inputs):
+            updated = stateless([v.value for v in model.trainable_variables],
+                                [v.value for v in model.non_trainable_variables], inputs)
+            for variable, value in zip(model.non_trainable_variables, updated):
+                variable.assign(value)
+
+        return observe
+    return _eager_call(model)
 
 
 def _batches(data, streamed, specs, batch_size):

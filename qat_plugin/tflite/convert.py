@@ -207,7 +207,8 @@ def export_on_tensorflow(model, path=None, **export_kwargs):
 
 
 def _frozen_function(model, input_specs):
-    """The model traced with a dynamic batch and `input_specs`' fixed shapes, frozen."""
+    """The model traced with a dynamic batch and `input_specs`' fixed shapes,
+    its variables frozen to constants."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
@@ -225,6 +226,11 @@ def _frozen_function(model, input_specs):
         return tree.flatten(model(model_call_inputs(model, args), training=False))
 
     concrete = serve.get_concrete_function(*specs)
+    if not concrete.captured_inputs:
+        # A QAT model exports its weights and ranges as constants
+        # (`prepare_export`): there is nothing to freeze, and the converter's
+        # own pass over the graph is then its only one.
+        return concrete
     return convert_variables_to_constants_v2(concrete)
 
 
