@@ -13,8 +13,10 @@ pre-norm encoder blocks (LayerNormalization, MultiHeadAttention, residual
 Add, LayerNormalization, Dense(4d, gelu), Dense(d), residual Add),
 GlobalAveragePooling1D and Dense(10). For each seed it trains in float,
 then fine-tunes the float model one more epoch at the QAT learning rate
-(the control) and, separately, QAT (`quantize_model`) for the same epoch,
-learning rate and batch size, and exports it fully int8. The converter's
+(the control) and, separately, QAT (the default recipe `int8`, or
+--recipe, with its schedule's callbacks: ranges freeze for the last fifth
+of the epoch) for the same epoch, learning rate and batch size, and
+exports it fully int8. The converter's
 full-int8 PTQ of the float model is the baseline. Reports, per seed and
 as means: float, control, QAT int8 and PTQ int8 accuracies (the .tflite
 files in LiteRT), the QAT - control gap, whether the target holds ("within
@@ -86,10 +88,10 @@ def op_summary(report):
     }
 
 
-def quantize(model):
-    """`quantize_model`, stopping the run (not continuing) where it refuses."""
+def quantize(model, recipe):
+    """`recipe.quantize`, stopping the run (not continuing) where it refuses."""
     try:
-        return qat_plugin.quantize_model(model)
+        return recipe.quantize(model)
     except Exception as error:
         print(f"bench_transformer: quantize_model failed: {type(error).__name__}: "
               f"{error}", file=sys.stderr)
@@ -113,7 +115,8 @@ def run(seed, args, x_train, y_train, x_test, y_test):
 
     # Quantized before the control trains, so that a refusal stops the run
     # before any more training time is spent.
-    qat = quantize(model)
+    recipe = qat_plugin.recipes.get(args.recipe)
+    qat = quantize(model, recipe)
 
     control = keras.models.clone_model(model)
     control.set_weights(model.get_weights())
@@ -125,7 +128,9 @@ def run(seed, args, x_train, y_train, x_test, y_test):
 
     qat.compile(keras.optimizers.Adam(args.lr), loss, metrics=["accuracy"])
     start = time.time()
-    qat.fit(x_train, y_train, epochs=1, batch_size=args.batch_size, verbose=2)
+    steps_per_epoch = -(-len(x_train) // args.batch_size)
+    qat.fit(x_train, y_train, epochs=1, batch_size=args.batch_size, verbose=2,
+            callbacks=recipe.callbacks(qat, steps_per_epoch=steps_per_epoch))
     qat_seconds = time.time() - start
     qat_data = qat_plugin.export_tflite(qat)
     qat_report = op_summary(qat_plugin.inspect_tflite(qat_data))
@@ -211,7 +216,8 @@ def table(args, results, summary, machine, minutes):
         f"Dense({4 * args.dim}, gelu) MLP, position embedding: {args.positions}; "
         f"float {args.float_epochs} epochs (Adam, cosine decay from "
         f"{args.float_lr}), then 1 epoch at lr {args.lr} (batch {args.batch_size}) "
-        f"for the float control and for QAT. Seeds {args.seeds}. {skip_note} "
+        f"for the float control and for QAT (recipe `{args.recipe}`). "
+        f"Seeds {args.seeds}. {skip_note} "
         f"Accuracies of the .tflite files are LiteRT's.",
         "",
         "| seed | float | float +1 epoch (control) | QAT int8 (LiteRT) | PTQ int8 "
@@ -257,6 +263,9 @@ def main(argv=None):
     parser.add_argument("--float-epochs", type=int, default=5)
     parser.add_argument("--float-lr", type=float, default=2e-3)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--recipe", default="int8",
+                        help="the QAT recipe (default: int8, the default recipe, "
+                             "whose ranges freeze for the last fifth of the epoch)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train", type=int, default=30000)
     parser.add_argument("--test", type=int, default=10000)

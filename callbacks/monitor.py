@@ -14,7 +14,7 @@ from keras import ops, tree
 
 from qat_plugin.callbacks.scheduler import current_phase
 from qat_plugin.layers.base import quantized_layers
-from qat_plugin.layers.base import activation_probe
+from qat_plugin.layers.modes import activation_probe
 from qat_plugin.layers.linear import QuantizedLinear
 from qat_plugin.quantize.calibration import nonfinite_batches, warn_nonfinite
 

@@ -214,7 +214,8 @@ def test_calibrate_updates_ranges_only():
 
 
 def test_a_long_calibration_runs_compiled_and_observes_as_eager_calls_do():
-    from qat_plugin.layers.base import calibration_mode, quantized_layers
+    from qat_plugin.layers.base import quantized_layers
+    from qat_plugin.layers.modes import calibration_mode
     from qat_plugin.quantize.calibration import _EAGER_BATCHES
 
     inputs = keras.Input((8, 8, 3))

@@ -281,7 +281,8 @@ def test_keras_litert_export_of_a_qat_model_writes_the_int8_file(tmp_path):
 def test_a_qat_export_graph_holds_constants_only():
     # Ranges, schedule switches and range-group unions are read before
     # tracing: the graph converted has no variable to freeze.
-    from qat_plugin.layers.base import export_mode, quantized_layers
+    from qat_plugin.layers.base import quantized_layers
+    from qat_plugin.layers.modes import export_mode
     from qat_plugin.tflite.convert import _frozen_function
     from qat_plugin.tflite.input_shapes import export_input_specs
 

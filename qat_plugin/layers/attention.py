@@ -23,7 +23,8 @@ unmasked logits no resolution at all.)
 import keras
 from keras import ops
 
-from qat_plugin.layers.base import QuantizedLayer, is_calibrating, is_exporting
+from qat_plugin.layers.base import QuantizedLayer
+from qat_plugin.layers.modes import is_calibrating, is_exporting
 from qat_plugin.quantizers import FIXED_RANGES, select
 
 # What Keras' Softmax fills masked float32 inputs with.

@@ -1,13 +1,11 @@
 """The base class of every quantized layer: schedule state and export mode."""
 
-import contextlib
-import threading
-
 import keras
 import numpy as np
 from keras import ops
 
 from qat_plugin.config.constants import FUSED_ACTIVATIONS, NEVER
+from qat_plugin.layers.modes import current_probe, is_calibrating, is_exporting
 from qat_plugin.quantizers import ActivationQuantizer, select
 
 # [quantize_start, bn_freeze, range_freeze]: quantize from the first step,
@@ -89,70 +87,6 @@ def update_moving_statistics(bn, mean, variance, frozen):
         variable.assign(select(frozen, ops.convert_to_tensor(variable), updated))
 
 
-_mode = threading.local()
-
-
-@contextlib.contextmanager
-def _mode_flag(name):
-    """Sets the thread's mode flag `name` while the context is open."""
-    previous = getattr(_mode, name, False)
-    setattr(_mode, name, True)
-    try:
-        yield
-    finally:
-        setattr(_mode, name, previous)
-
-
-def export_mode():
-    """Traces quantized layers with their int weights baked in as constants.
-
-    Inside this context each quantized layer uses the kernels computed by
-    `export_constants()` (folded, snapped to the int grid, as NumPy arrays)
-    instead of computing them from its variables. The TFLite converter then
-    sees float constants that are exactly on the per-channel int8 grid, and
-    writes them with exactly those scales; this also sidesteps the
-    converter's failure on per-channel fake-quant of FULLY_CONNECTED weights.
-    """
-    return _mode_flag("exporting")
-
-
-def calibration_mode():
-    """Runs quantized layers in inference mode while their observers update.
-
-    Used by `qat_plugin.calibrate`: BatchNormalization statistics and the
-    schedule stay as they are, activation ranges learn from the data.
-    """
-    return _mode_flag("calibrating")
-
-
-@contextlib.contextmanager
-def activation_probe():
-    """Records what each activation fake-quant sees while the context is open.
-
-    Yields a list that receives, for every fake-quant run eagerly inside the
-    context, a tuple `(layer, quantizer, inputs, range_min, range_max)`: the
-    tensor before fake-quant and the range it is quantized to. Used by
-    `QuantizationMonitor` to measure how much of each activation is clipped.
-
-    Examples:
-        >>> import numpy as np
-        >>> from qat_plugin.layers import FakeQuant
-        >>> layer = FakeQuant()
-        >>> _ = layer(np.array([[0.0, 1.0]], "float32"), training=True)
-        >>> with activation_probe() as records:
-        ...     _ = layer(np.array([[2.0]], "float32"))
-        >>> [float(records[0][2][0, 0]), float(records[0][4])]
-        [2.0, 1.0]
-    """
-    previous = getattr(_mode, "probe", None)
-    records = []
-    _mode.probe = records
-    try:
-        yield records
-    finally:
-        _mode.probe = previous
-
-
 def build_replica_synced(layer, input_shape):
     """Builds `layer` with its non-trainable weights averaged over replicas.
 
@@ -186,14 +120,6 @@ def build_replica_synced(layer, input_shape):
         layer.build(input_shape)
     finally:
         del layer.add_weight
-
-
-def is_exporting():
-    return getattr(_mode, "exporting", False)
-
-
-def is_calibrating():
-    return getattr(_mode, "calibrating", False)
 
 
 class QuantizedLayer(keras.layers.Layer):
@@ -327,7 +253,7 @@ class QuantizedLayer(keras.layers.Layer):
             range_min, range_max = quantizer.observe(x, ranges_frozen)
         else:
             range_min, range_max = self.range_of(quantizer)
-        probe = getattr(_mode, "probe", None)
+        probe = current_probe()
         if probe is not None:
             probe.append((self, quantizer, x, range_min, range_max))
         if quantize is False:

@@ -8,9 +8,9 @@ from qat_plugin.layers.base import (
     batch_norm_affine,
     build_replica_synced,
     check_fused_activation,
-    is_exporting,
     update_moving_statistics,
 )
+from qat_plugin.layers.modes import is_exporting
 from qat_plugin.linear_ops import channel_vector
 from qat_plugin.quantizers import select
 

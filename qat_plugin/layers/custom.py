@@ -5,7 +5,8 @@ import contextlib
 import keras
 from keras import ops
 
-from qat_plugin.layers.base import QuantizedLayer, is_exporting
+from qat_plugin.layers.base import QuantizedLayer
+from qat_plugin.layers.modes import is_exporting
 from qat_plugin.quantizers import fake_quant_weight
 
 

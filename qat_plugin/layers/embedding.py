@@ -16,7 +16,8 @@ an output fake-quant.
 import keras
 from keras import ops
 
-from qat_plugin.layers.base import QuantizedLayer, is_exporting
+from qat_plugin.layers.base import QuantizedLayer
+from qat_plugin.layers.modes import is_exporting
 from qat_plugin.quantizers import fake_quant_table, fake_quant_weight, select
 
 

@@ -10,9 +10,8 @@ from qat_plugin.layers.base import (
     build_replica_synced,
     check_fused_activation,
     update_moving_statistics,
-    is_calibrating,
-    is_exporting,
 )
+from qat_plugin.layers.modes import is_calibrating, is_exporting
 from qat_plugin.linear_ops import channel_vector
 from qat_plugin.registry import linear_op_for
 from qat_plugin.layers.pruned import PrunedLayer

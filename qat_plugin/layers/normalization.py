@@ -18,7 +18,8 @@ gamma`) is MEAN, SQUARED_DIFFERENCE, MEAN, ADD, RSQRT, MUL, MUL.
 import keras
 from keras import ops
 
-from qat_plugin.layers.base import QuantizedLayer, is_exporting
+from qat_plugin.layers.base import QuantizedLayer
+from qat_plugin.layers.modes import is_exporting
 
 def _squared_difference(x, mean):
     if is_exporting():

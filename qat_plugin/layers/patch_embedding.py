@@ -28,7 +28,8 @@ import numpy as np
 from keras import ops
 
 from qat_plugin.errors import UnsupportedLayerError
-from qat_plugin.layers.base import QuantizedLayer, is_exporting
+from qat_plugin.layers.base import QuantizedLayer
+from qat_plugin.layers.modes import is_exporting
 from qat_plugin.quantizers import fake_quant_table, fake_quant_weight, select
 from qat_plugin.registry import linear_op_for
 

@@ -20,7 +20,8 @@ import keras
 from keras import ops, tree
 
 from qat_plugin.errors import UnsupportedLayerError
-from qat_plugin.layers.base import QuantizedLayer, is_exporting
+from qat_plugin.layers.base import QuantizedLayer
+from qat_plugin.layers.modes import is_exporting
 from qat_plugin.layers.recurrent_cells import STEPS, roles
 from qat_plugin.quantizers import (
     FIXED_RANGES,

@@ -13,7 +13,8 @@ from qat_plugin.data.batches import (
     stream,
 )
 from qat_plugin.errors import ExportError
-from qat_plugin.layers.base import calibration_mode, is_quantized, quantized_layers
+from qat_plugin.layers.base import is_quantized, quantized_layers
+from qat_plugin.layers.modes import calibration_mode
 
 
 def calibrate(model, data, steps=None, batch_size=32):

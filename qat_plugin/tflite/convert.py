@@ -8,7 +8,8 @@ from qat_plugin.data.batches import calibration_samples, model_call_inputs
 from qat_plugin.files import write_bytes_atomic
 from qat_plugin.quiet import converter_quiet
 from qat_plugin.distribution import is_primary_process
-from qat_plugin.layers.base import export_mode, is_quantized, quantized_layers
+from qat_plugin.layers.base import is_quantized, quantized_layers
+from qat_plugin.layers.modes import export_mode
 from qat_plugin.quantize.calibration import check_observed
 from qat_plugin.quantize.qat_model import set_litert_exporter
 from qat_plugin.tflite.input_shapes import export_input_specs, signature_input_shape
