@@ -15,7 +15,7 @@ random data, TensorFlow CPU), in one process:
 - quantize: `quantize_model`'s own time;
 
 and, each in a process of its own so that the peak is its own: the peak
-resident memory (ru_maxrss) of a `fit` of a few steps, QAT over float, and
+resident memory (VmHWM, Linux) of a `fit` of a few steps, QAT over float, and
 how much the peak grew during that fit (at small sizes the peak is
 TensorFlow's own, the same for both).
 With --tfmot, the train-step ratio of tfmot's `quantize_model` of the same
@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -117,10 +116,20 @@ def _fit_peak_rss(kind, name, size, steps):
     if kind == "qat":
         model = qat_plugin.quantize_model(model)
     _compiled(model)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = _peak_rss_mb()
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     return {"rss_mb": peak, "grown_mb": peak - before}
+
+
+def _peak_rss_mb():
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux
+    carries the parent's peak at fork into a child's ru_maxrss."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("bench_speed: no VmHWM in /proc/self/status (Linux only).")
 
 
 def _in_child(arguments, env=None):
