@@ -182,7 +182,7 @@ def markdown(report):
             f"| {model}",
             f"{row['float_step_ms']:.0f} / {row['qat_step_ms']:.0f}",
             f"{row['step_ratio']:.2f}x",
-            _cell(row, "tfmot_step_ratio", "{:.2f}x") if "tfmot_error" not in row else "failed",
+            _cell(row, "tfmot_step_ratio", "{:.2f}x") if "tfmot_error" not in row else "see below",
             f"{row['float_trace_s']:.1f} / {row['qat_trace_s']:.1f}",
             f"{row['trace_ratio']:.2f}x",
             f"{row['qat_export_s']:.1f} / {row['ptq_export_s']:.1f}",

@@ -18,6 +18,7 @@ load changes hit all of them alike. With --jit also float and QAT with
 
 Usage:
     python benchmarks/profile_step.py [--steps 40] [--architectures mobilenet_v2 resnet] [--jit]
+    python benchmarks/profile_step.py --architectures MobileNetV2:96 --batch-size 32
     PYTHONPATH=/path/to/patched/engine python benchmarks/profile_step.py --variants qat --jit --tag _patched
 """
 
@@ -78,11 +79,26 @@ def variant(name):
 VARIANTS = ("qat", "no_observer", "no_weight_fq", "no_act_fq", "no_bn_correction")
 
 
+def architecture_builder(architecture):
+    """`(build, input_shape)`: a benchmark architecture, or a keras.applications
+    constructor given as NAME:SIZE (random weights, 10 classes)."""
+    if ":" not in architecture:
+        return models.ARCHITECTURES[architecture], models.INPUT_SHAPE
+    name, size = architecture.split(":")
+    shape = (int(size), int(size), 3)
+
+    def build(keras_module):
+        return getattr(keras_module.applications, name)(
+            input_shape=shape, weights=None, classes=10, classifier_activation=None)
+
+    return build, shape
+
+
 def build_step_functions(architecture, batch, jit, variants=VARIANTS):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    build = models.ARCHITECTURES[architecture]
+    build, input_shape = architecture_builder(architecture)
     rng = np.random.default_rng(0)
-    x = rng.random((batch, *models.INPUT_SHAPE), dtype=np.float32)
+    x = rng.random((batch, *input_shape), dtype=np.float32)
     y = rng.integers(0, 10, batch).astype("int32")
     keras.utils.set_random_seed(0)
     float_model = build(keras)
@@ -125,7 +141,9 @@ def build_step_functions(architecture, batch, jit, variants=VARIANTS):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--architectures", nargs="+", default=list(models.ARCHITECTURES))
+    parser.add_argument("--architectures", nargs="+", default=list(models.ARCHITECTURES),
+                        help="benchmark architectures, or keras.applications as NAME:SIZE "
+                             "(e.g. MobileNetV2:96)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)

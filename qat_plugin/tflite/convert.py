@@ -50,8 +50,11 @@ def export_tflite(
     `"float16"`, `"int8"` (full integer, calibrated on
     `representative_data`, int8 input and output) or `"int16x8"`.
 
-    The model is traced in inference mode in a `tf.function` whose variables
-    are frozen to constants before conversion (unfrozen variables become
+    The model is traced in inference mode in a `tf.function`. A QAT model
+    traces as constants only (its kernels, biases and activation ranges are
+    read before tracing, and its schedule switches are left out), so the
+    converter gets a graph with no variable; a float model's variables are
+    frozen to constants before conversion (unfrozen variables become
     READ_VARIABLE ops that fail in the interpreter).
 
     Args:
