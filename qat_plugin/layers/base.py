@@ -1,4 +1,4 @@
-"""The base class of every quantized layer: schedule state and export mode."""
+"""The base class of every quantized layer: schedule state and export constants."""
 
 import keras
 import numpy as np

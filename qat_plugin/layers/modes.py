@@ -63,7 +63,7 @@ def activation_probe():
         >>> [float(records[0][2][0, 0]), float(records[0][4])]
         [2.0, 1.0]
     """
-    previous = getattr(_mode, "probe", None)
+    previous = current_probe()
     records = []
     _mode.probe = records
     try:
