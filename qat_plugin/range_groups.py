@@ -24,9 +24,9 @@ class RangeGroup:
     The tensors of a group therefore all fake-quantize with one range: each
     member keeps its own observer, and quantizes with the smallest range
     covering every member's, so they export with one scale and zero point.
-    The group keeps that union in one variable on its first member's layer,
-    updated by each member as it observes (a cost linear in the group's
-    size): while training it may still hold a member's range from the step
+    The group keeps that union in one variable on the layer of its first
+    member to join (its holder), updated by each member as it observes (a
+    cost linear in the group's size): while training it may still hold a member's range from the step
     before, a slightly wider range that the export then writes, so the QAT
     model and its int8 file compute with the same scale.
 
@@ -56,16 +56,12 @@ class RangeGroup:
         # first to join, kept in the config so that a loaded model (whose
         # layers may build in another order) puts it on the same layer.
         self.holder = holder
-        self._members = []
         self._holder_quantizer = None
         self._union = None
 
     def join(self, quantizer, layer):
-        """Adds `quantizer` (once) to the group; the holder's `layer` gets
-        the group's union."""
-        if any(member is quantizer for member in self._members):
-            return
-        self._members.append(quantizer)
+        """Adds `quantizer` to the group; the holder's `layer` gets the
+        group's union (once)."""
         key = f"{layer.name}/{quantizer.name}"
         if self.holder is None:
             self.holder = key
@@ -85,23 +81,21 @@ class RangeGroup:
         """Adds `quantizer`'s updated range to the union under way.
 
         Linear in the group's size: each member adds itself to one running
-        union. The holder starts a new cycle, keeping the
-        one before it whole: every member's latest range is then in one of
+        union. The holder closes the cycle under way (with its own range)
+        and starts a new one, so every member's latest range is in one of
         the two rows, whatever order the members run in.
         """
         if self._union is None:  # A copy without its holder: no union.
             return
         range_min, range_max = _masked(range_min, range_max)
         union = ops.convert_to_tensor(self._union)
+        widened = ops.stack([ops.minimum(union[1, 0], range_min),
+                             ops.maximum(union[1, 1], range_max)])
         if quantizer is self._holder_quantizer:
-            last = ops.stack([ops.minimum(union[1, 0], range_min),
-                              ops.maximum(union[1, 1], range_max)])
-            current = ops.stack([range_min, range_max])
+            rows = [widened, ops.stack([range_min, range_max])]
         else:
-            last = union[0]
-            current = ops.stack([ops.minimum(union[1, 0], range_min),
-                                 ops.maximum(union[1, 1], range_max)])
-        self._union.assign(ops.stack([last, current]))
+            rows = [union[0], widened]
+        self._union.assign(ops.stack(rows))
 
     def cover(self, quantizer, range_min, range_max):
         """Widens `quantizer`'s range to the union of the members' ranges."""

@@ -142,8 +142,7 @@ def _compiled_call(model):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda inputs: model(inputs, training=False),
-                           reduce_retracing=True)
+        return tf.function(_eager_call(model), reduce_retracing=True)
     if backend == "jax":
         import jax
 
